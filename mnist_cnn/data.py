@@ -1,0 +1,248 @@
+"""MNIST as a LightningDataModule with the notebook's split.
+
+Validation is training images 0..9,999, training is 10,000..59,999, test is the
+official 10,000. Two loaders give identical batches for the same seed:
+``loader="tensor"`` (default) decodes MNIST once into uint8 tensors and indexes
+whole batches; ``loader="torchvision"`` is the notebook's per-image PIL path.
+
+>>> dm = MNISTDataModule("data")
+>>> dm.prepare_data(); dm.setup("fit")  # doctest: +SKIP
+>>> x, y = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+"""
+
+import gzip
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torchvision.datasets import MNIST
+from torchvision.transforms import ToTensor
+
+log = logging.getLogger(__name__)
+
+# name: (md5 of the .gz, size of the extracted IDX file, IDX magic number)
+RAW_FILES = {
+    "train-images-idx3-ubyte": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", 47_040_016, 2051),
+    "train-labels-idx1-ubyte": ("d53e105ee54ea40749a09fcbcd1e9432", 60_008, 2049),
+    "t10k-images-idx3-ubyte": ("9fb629c4189551a2d022fa330f9573f3", 7_840_016, 2051),
+    "t10k-labels-idx1-ubyte": ("ec29112dd5afa0611ce80d1b7f02629c", 10_008, 2049),
+}
+VAL_SIZE = 10_000
+
+
+class DataError(RuntimeError):
+    """MNIST is missing, damaged or cannot be written; the message says what to do."""
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _idx_problem(path: Path, size: int, magic: int) -> str | None:
+    """Why an extracted IDX file is unusable, or None when it is fine."""
+    if not path.exists():
+        return "missing"
+    if path.stat().st_size != size:
+        return f"{path.stat().st_size} bytes instead of {size}"
+    with path.open("rb") as f:
+        found = int.from_bytes(f.read(4), "big")
+    return None if found == magic else f"magic number {found} instead of {magic}"
+
+
+def raw_problems(raw_dir: Path) -> dict[str, str]:
+    """Problems of the four ``.gz`` files in ``raw_dir`` by file name (empty when all verify)."""
+    problems = {}
+    for name, (md5, _, _) in RAW_FILES.items():
+        gz = raw_dir / f"{name}.gz"
+        if not gz.exists():
+            problems[gz.name] = "missing"
+        elif _md5(gz) != md5:
+            problems[gz.name] = f"MD5 {_md5(gz)} instead of {md5} (truncated or corrupted)"
+    return problems
+
+
+def _missing_data_message(data_dir: Path, problems: dict[str, str], cause: str) -> str:
+    raw = data_dir / "MNIST" / "raw"
+    listed = "; ".join(f"{name}: {why}" for name, why in problems.items()) or cause
+    return (
+        f"MNIST could not be prepared in {raw} ({listed}). torchvision could not download it "
+        f"({cause.splitlines()[0] if cause else 'no network'}). Put the four original files "
+        f"{', '.join(n + '.gz' for n in RAW_FILES)} into {raw} (they are verified by MD5 and "
+        "extracted there), or point to a folder that holds them in MNIST/raw/ with "
+        "`data.data_dir=/path` or the environment variable MNIST_DATA_DIR."
+    )
+
+
+def prepare_mnist(data_dir: str | os.PathLike) -> Path:
+    """Download or verify and extract MNIST under ``data_dir``; safe for concurrent processes."""
+    data_dir = Path(data_dir)
+    raw = data_dir / "MNIST" / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(data_dir / "MNIST" / ".prepare.lock"))
+        lock.acquire(timeout=600)
+    except OSError as e:
+        raise DataError(
+            f"Cannot write to the data folder {data_dir} ({e.strerror}). Make it writable, or "
+            "point to another folder with `data.data_dir=/path` or MNIST_DATA_DIR."
+        ) from None
+    try:
+        bad = {n: p for n, (_, s, m) in RAW_FILES.items() if (p := _idx_problem(raw / n, s, m))}
+        if not bad:
+            return raw
+        for name in bad:  # a damaged extracted file is removed so it is made again from .gz
+            (raw / name).unlink(missing_ok=True)
+        problems = raw_problems(raw)
+        for name in problems:  # torchvision would otherwise keep a .gz whose MD5 fails
+            if problems[name] != "missing":
+                (raw / name).rename(raw / f"{name}.corrupt")
+                log.warning("moved %s aside to %s.corrupt (%s)", name, name, problems[name])
+        try:
+            _extract_all(raw, data_dir)
+        except (RuntimeError, OSError) as e:
+            raise DataError(_missing_data_message(data_dir, problems, str(e))) from None
+        if bad := {n: p for n, (_, s, m) in RAW_FILES.items() if (p := _idx_problem(raw / n, s, m))}:
+            raise DataError(_missing_data_message(data_dir, bad, "extraction gave bad files"))
+        return raw
+    finally:
+        lock.release()
+
+
+def _extract_all(raw: Path, data_dir: Path) -> None:
+    """Let torchvision verify (MD5) and extract each file, or download it when online.
+
+    Each file is extracted to a temporary name and renamed, so an interrupted
+    extraction never leaves a file that passes as complete.
+    """
+    missing = [n for n in RAW_FILES if not (raw / f"{n}.gz").exists()]
+    if missing:
+        MNIST(str(data_dir), download=True)  # fetches the .gz files (and extracts them)
+    for name, (md5, _, _) in RAW_FILES.items():
+        gz = raw / f"{name}.gz"
+        if _idx_problem(raw / name, *RAW_FILES[name][1:]) is None:
+            continue
+        if _md5(gz) != md5:
+            raise RuntimeError(f"{gz.name} fails its MD5 check")
+        tmp = raw / f".{name}.partial"
+        with gzip.open(gz, "rb") as src, tmp.open("wb") as dst:
+            dst.write(src.read())
+        tmp.replace(raw / name)
+
+
+class TensorMNIST(Dataset):
+    """uint8 images (N, 1, 28, 28) and int64 labels, indexed a whole batch at a time."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
+        self.images, self.targets = images.unsqueeze(1), targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+    def __getitems__(self, idx):
+        idx = torch.as_tensor(idx, device=self.images.device)
+        return self.images[idx], self.targets[idx]
+
+
+def _as_batch(batch):
+    return batch
+
+
+class EpochSampler(RandomSampler):
+    """A shuffle that depends only on (seed, epoch): resuming at epoch k replays epoch k's order."""
+
+    def __init__(self, data, seed: int):
+        super().__init__(data)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """The notebook's MNIST split with batch size, workers, seed and loader as settings."""
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+        loader: str = "tensor",
+        on_device: bool = False,
+        pin_memory: bool = False,
+        seed: int = 1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set = self.val_set = self.test_set = None
+
+    def prepare_data(self) -> None:
+        prepare_mnist(self.hparams.data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        root = self.hparams.data_dir
+        raw = prepare_mnist(root)  # a no-op once verified; covers setup() called alone
+        log.debug("MNIST from %s", raw)
+        train, test = MNIST(root, train=True), MNIST(root, train=False)
+        val_idx, train_idx = range(VAL_SIZE), range(VAL_SIZE, len(train))
+        if self.hparams.loader == "torchvision":
+            train.transform = test.transform = ToTensor()
+            self.val_set, self.train_set = Subset(train, val_idx), Subset(train, train_idx)
+            self.test_set = test
+        elif self.hparams.loader == "tensor":
+            device = torch.device("cpu")
+            if self.hparams.on_device and self.trainer is not None:
+                device = self.trainer.strategy.root_device
+            x, y = train.data.to(device), train.targets.to(device)
+            self.val_set = TensorMNIST(x[:VAL_SIZE], y[:VAL_SIZE])
+            self.train_set = TensorMNIST(x[VAL_SIZE:], y[VAL_SIZE:])
+            self.test_set = TensorMNIST(test.data.to(device), test.targets.to(device))
+        else:
+            raise ValueError(f"data.loader={self.hparams.loader!r}: use 'tensor' or 'torchvision'")
+
+    def _loader(self, data, batch_size: int, sampler=None) -> DataLoader:
+        tensor = self.hparams.loader == "tensor"
+        workers = 0 if tensor else self.hparams.num_workers
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=_as_batch if tensor else None,
+            pin_memory=self.hparams.pin_memory and not self.hparams.on_device,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSampler(self.train_set, self.hparams.seed)
+        return self._loader(self.train_set, self.hparams.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.hparams.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Scale uint8 pixels to [0, 1] on the device, as ``ToTensor`` does per image."""
+        x, y = batch
+        if x.dtype == torch.uint8:
+            x = x.float().div(255)
+        return x, y

@@ -1,0 +1,46 @@
+"""The notebook's CNN as an ``nn.Sequential`` with named modules.
+
+>>> net = build_cnn()
+>>> net(torch.zeros(4, 1, 28, 28)).shape
+torch.Size([4, 10])
+"""
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+def build_cnn(
+    channels: tuple[int, int] = (32, 64),
+    kernel_size: int = 5,
+    hidden: int = 1024,
+    dropout: float = 0.5,
+    batch_norm: bool = False,
+    image_size: int = 28,
+    num_classes: int = 10,
+) -> nn.Sequential:
+    """conv1 relu1 pool1 conv2 relu2 pool2 flatten fc1 relu3 dropout fc2, as in the notebook.
+
+    ``batch_norm=True`` adds bn1/bn2 after each convolution (used by ``experiment=best``).
+    """
+    c1, c2 = channels
+    pad = kernel_size // 2
+    layers: list[tuple[str, nn.Module]] = [("conv1", nn.Conv2d(1, c1, kernel_size, padding=pad))]
+    if batch_norm:
+        layers.append(("bn1", nn.BatchNorm2d(c1)))
+    layers += [("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2))]
+    layers.append(("conv2", nn.Conv2d(c1, c2, kernel_size, padding=pad)))
+    if batch_norm:
+        layers.append(("bn2", nn.BatchNorm2d(c2)))
+    layers += [("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)), ("flatten", nn.Flatten())]
+    features = c2 * (image_size // 4) ** 2
+    layers += [
+        ("fc1", nn.Linear(features, hidden)),
+        ("relu3", nn.ReLU()),
+        ("dropout", nn.Dropout(dropout)),
+        ("fc2", nn.Linear(hidden, num_classes)),
+    ]
+    return nn.Sequential(OrderedDict(layers))
+
+
