@@ -33,7 +33,9 @@ class EpochSummary(L.Callback):
         parts = [f"epoch {row['epoch']}/{trainer.max_epochs}"]
         for stage in ("train", "val"):
             if f"{stage}/loss" in row:
-                parts.append(f"{stage} loss {row[f'{stage}/loss']:.4f} acc {row[f'{stage}/acc']:.4f}")
+                parts.append(
+                    f"{stage} loss {row[f'{stage}/loss']:.4f} acc {row[f'{stage}/acc']:.4f}"
+                )
         parts.append(f"{row['seconds']:.1f}s")
         log.info(" | ".join(parts))
 

@@ -69,9 +69,10 @@ def raw_problems(raw_dir: Path) -> dict[str, str]:
 def _missing_data_message(data_dir: Path, problems: dict[str, str], cause: str) -> str:
     raw = data_dir / "MNIST" / "raw"
     listed = "; ".join(f"{name}: {why}" for name, why in problems.items()) or cause
+    reason = ([line for line in cause.splitlines() if line.strip()] or ["offline?"])[-1]
     return (
-        f"MNIST could not be prepared in {raw} ({listed}). torchvision could not download it "
-        f"({cause.splitlines()[0] if cause else 'no network'}). Put the four original files "
+        f"MNIST could not be prepared in {raw} ({listed}); torchvision's download failed "
+        f"({reason}). Put the four original files "
         f"{', '.join(n + '.gz' for n in RAW_FILES)} into {raw} (they are verified by MD5 and "
         "extracted there), or point to a folder that holds them in MNIST/raw/ with "
         "`data.data_dir=/path` or the environment variable MNIST_DATA_DIR."
@@ -106,7 +107,9 @@ def prepare_mnist(data_dir: str | os.PathLike) -> Path:
             _extract_all(raw, data_dir)
         except (RuntimeError, OSError) as e:
             raise DataError(_missing_data_message(data_dir, problems, str(e))) from None
-        if bad := {n: p for n, (_, s, m) in RAW_FILES.items() if (p := _idx_problem(raw / n, s, m))}:
+        if bad := {
+            n: p for n, (_, s, m) in RAW_FILES.items() if (p := _idx_problem(raw / n, s, m))
+        }:
             raise DataError(_missing_data_message(data_dir, bad, "extraction gave bad files"))
         return raw
     finally:
@@ -246,3 +249,36 @@ class MNISTDataModule(L.LightningDataModule):
         if x.dtype == torch.uint8:
             x = x.float().div(255)
         return x, y
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mnist_cnn.data [--from DIR]``: copy the four .gz files, verify and extract."""
+    import argparse
+    import shutil
+    import sys
+
+    from mnist_cnn import ROOT
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    default_dir = os.environ.get("MNIST_DATA_DIR", str(ROOT / "data"))
+    parser.add_argument("--data-dir", default=default_dir, help=f"default {default_dir}")
+    parser.add_argument("--from", dest="source", help="a folder holding the four .gz files")
+    args = parser.parse_args(argv)
+    raw = Path(args.data_dir) / "MNIST" / "raw"
+    try:
+        if args.source:
+            raw.mkdir(parents=True, exist_ok=True)
+            for name in RAW_FILES:
+                src, dst = Path(args.source) / f"{name}.gz", raw / f"{name}.gz"
+                if src.exists() and not (dst.exists() and _md5(dst) == _md5(src)):
+                    shutil.copyfile(src, dst)
+        raw = prepare_mnist(args.data_dir)
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"MNIST verified in {raw}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,6 @@ torch.Size([4, 10])
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
 
@@ -42,5 +41,3 @@ def build_cnn(
         ("fc2", nn.Linear(hidden, num_classes)),
     ]
     return nn.Sequential(OrderedDict(layers))
-
-

@@ -103,4 +103,7 @@ class MNISTClassifier(L.LightningModule):
         if scheduler.pop("total_steps", None) == "auto":  # e.g. OneCycleLR
             scheduler["total_steps"] = int(self.trainer.estimated_stepping_batches)
         lr_scheduler = hydra.utils.instantiate(scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": lr_scheduler, "interval": interval},
+        }

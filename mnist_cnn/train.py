@@ -1,8 +1,8 @@
 """Train the CNN, then test its best checkpoint.
 
-    python -m mnist_cnn.train                                  # the defaults, 20 epochs
-    python -m mnist_cnn.train trainer.max_epochs=1 data.batch_size=128
-    python -m mnist_cnn.train -m model.optimizer.lr=1e-3,3e-3  # a sweep
+python -m mnist_cnn.train                                  # the defaults, 20 epochs
+python -m mnist_cnn.train trainer.max_epochs=1 data.batch_size=128
+python -m mnist_cnn.train -m model.optimizer.lr=1e-3,3e-3  # a sweep
 """
 
 import logging
@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate every entry with a ``_target_`` in a config group such as ``callbacks``."""
     entries = group.values() if group else []
-    return [hydra.utils.instantiate(c) for c in entries if isinstance(c, DictConfig) and "_target_" in c]
+    return [
+        hydra.utils.instantiate(c) for c in entries if isinstance(c, DictConfig) and "_target_" in c
+    ]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint and return the final metrics (``val/acc_best``, ``test/acc``, ...)."""
+    """Fit, test the best checkpoint, return the final metrics (``val/acc_best``, ``test/acc``)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model, _recursive_=False)  # optimizer stays a config

@@ -1,0 +1,27 @@
+# make train [ARGS="key=value ..."]   make test   (each sets up .venv and data/ when missing)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A folder holding the four MNIST .gz files to copy into data/ (offline machines).
+MNIST_RAW ?= $(wildcard ../shared/data/MNIST/raw)
+
+.PHONY: install data train test lint
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+data: install
+	$(PY) -m mnist_cnn.data $(if $(MNIST_RAW),--from $(MNIST_RAW))
+
+train: data
+	$(PY) -m mnist_cnn.train $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: data lint
+	$(PY) -m pytest $(ARGS)

@@ -1,0 +1,87 @@
+"""``python -m mnist_cnn.train`` as a user runs it: real subprocesses, real Hydra."""
+
+import subprocess
+import sys
+
+import torch
+import yaml
+
+FAST = ["debug=fast", "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
+
+
+def run_train(*args, cwd=None, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_run_with_overrides_makes_one_run_dir(tmp_path, data_dir):
+    proc = run_train(
+        *FAST,
+        f"paths.log_dir={tmp_path}",
+        f"data.data_dir={data_dir}",
+        "data.batch_size=32",
+        cwd=tmp_path.parent,  # any working directory works
+    )
+    assert "test accuracy" in proc.stdout + proc.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.count("_") == 2  # <date>_<time>_<id>
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    assert config["data"]["batch_size"] == 32
+    assert "data.batch_size=32" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "train.log").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_two_runs_in_the_same_second_get_two_dirs(tmp_path, data_dir):
+    # The same timestamp for both (a frozen run.dir prefix): only the per-process id differs.
+    args = [sys.executable, "-m", "mnist_cnn.train", *FAST, "test=false", "logger=none"]
+    args += [f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"]
+    args += ["hydra.run.dir=${paths.log_dir}/runs/same-second_${run_id:}"]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in "ab"
+    ]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "checkpoints" / "last.ckpt").exists() for r in runs)
+
+
+def test_multirun_gives_each_job_its_own_dir(tmp_path, data_dir):
+    run_train(
+        "-m",
+        *FAST,
+        f"paths.log_dir={tmp_path}",
+        f"data.data_dir={data_dir}",
+        "model.optimizer.lr=0.001,0.002",
+    )
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    lrs = []
+    for job in jobs:
+        last = job / "checkpoints" / "last.ckpt"
+        lrs.append(torch.load(last, weights_only=True)["hyper_parameters"]["optimizer"]["lr"])
+    assert lrs == [0.001, 0.002]
+
+
+def test_missing_data_is_one_clear_paragraph_not_a_traceback(tmp_path):
+    proc = run_train(
+        *FAST, f"paths.log_dir={tmp_path}", f"data.data_dir={tmp_path}/empty", check=False
+    )
+    assert proc.returncode == 2
+    assert "train-images-idx3-ubyte.gz" in proc.stderr + proc.stdout
+    assert "MNIST_DATA_DIR" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_misspelt_override_is_refused(tmp_path):
+    proc = run_train(*FAST, f"paths.log_dir={tmp_path}", "trainer.max_epoch=1", check=False)
+    assert proc.returncode != 0 and "max_epoch" in proc.stderr
+    assert not (tmp_path / "runs").exists()

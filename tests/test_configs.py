@@ -1,0 +1,58 @@
+"""Every option of every config group composes and instantiates."""
+
+import hydra
+import pytest
+import torch
+from conftest import compose_train
+from omegaconf import OmegaConf
+
+from mnist_cnn import CONFIG_DIR
+from mnist_cnn.train import instantiate_group
+
+GROUPS = ["data", "model", "trainer", "callbacks", "logger", "paths", "experiment", "debug"]
+OPTIONS = [
+    f"{group}={path.stem}"
+    for group in GROUPS
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
+    if not (
+        group == "callbacks" and path.stem in ("model_checkpoint", "epoch_summary", "progress_bar")
+    )
+]
+
+
+def test_every_group_has_options():
+    assert {o.split("=")[0] for o in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_option_composes_and_instantiates(option, tmp_path):
+    if option == "trainer=gpu" and not torch.cuda.is_available():
+        cfg = compose_train(option, f"paths.output_dir={tmp_path}")
+        assert cfg.trainer.accelerator == "gpu"
+        pytest.skip("instantiating trainer=gpu needs CUDA")
+    cfg = compose_train(option, f"paths.output_dir={tmp_path}")
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.model, _recursive_=False)
+    module.configure_optimizers()
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.get("callbacks")),
+        logger=instantiate_group(cfg.get("logger")) or False,
+    )
+    assert trainer.max_epochs >= 1
+
+
+def test_defaults_are_the_notebooks():
+    cfg = compose_train("paths.output_dir=.")
+    assert cfg.data.batch_size == 64 and cfg.seed == 1
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 0.001
+    assert cfg.model.net.dropout == 0.5 and cfg.trainer.max_epochs == 20
+    assert cfg.trainer.accelerator == "auto"
+    seed = compose_train("experiment=seed", "paths.output_dir=.")
+    assert seed.trainer.max_epochs == 200 and seed.data.loader == "torchvision"
+
+
+def test_data_dir_follows_the_environment_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("MNIST_DATA_DIR", str(tmp_path))
+    assert compose_train("paths.output_dir=.").data.data_dir == str(tmp_path)

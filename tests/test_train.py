@@ -1,0 +1,57 @@
+"""train(cfg) end to end with the real Trainer on a few CPU batches."""
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mnist_cnn.module import MNISTClassifier
+from mnist_cnn.train import train
+
+
+def scalars(tb_dir, tag):
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_train_writes_checkpoints_and_tensorboard_and_returns_test_metrics(make_cfg, tmp_path):
+    metrics = train(make_cfg("trainer.max_epochs=2"))
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
+    assert {"train/acc", "val/acc", "val/acc_best"} <= metrics.keys()
+
+    ckpts = tmp_path / "checkpoints"
+    best = [p for p in ckpts.glob("epoch*.ckpt")]
+    assert (ckpts / "last.ckpt").exists() and len(best) == 1
+    for tag in ("train/acc", "train/loss", "val/acc", "val/loss"):
+        assert len(scalars(tmp_path / "tensorboard", tag)) == 2, tag  # one per epoch
+
+    state = torch.load(ckpts / "last.ckpt", weights_only=True)  # plain types only
+    assert state["epoch"] == 1 and state["hyper_parameters"]["optimizer"]["lr"] == 0.001
+    model = MNISTClassifier.load_from_checkpoint(best[0], map_location="cpu")
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_resume_from_last_ckpt_continues_the_epoch_count(make_cfg, tmp_path):
+    train(make_cfg("trainer.max_epochs=1", "test=false"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    first_step = torch.load(last, weights_only=True)["global_step"]
+
+    train(make_cfg("trainer.max_epochs=2", f"ckpt_path={last}", "test=false"))
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 1 and state["global_step"] == 2 * first_step
+    history = state["callbacks"]["EpochSummary"]["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+
+
+@pytest.mark.slow
+def test_one_full_epoch_reaches_98_percent(make_cfg):
+    metrics = train(
+        make_cfg(
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=null",
+            "trainer.limit_val_batches=null",
+            "trainer.limit_test_batches=null",
+        )
+    )
+    assert metrics["val/acc"] >= 0.98 and metrics["test/acc"] >= 0.98
