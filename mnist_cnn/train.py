@@ -12,6 +12,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from mnist_cnn.checkpoint import CheckpointError
 from mnist_cnn.data import DataError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except DataError as e:
+    except (DataError, CheckpointError) as e:
         log.error("%s", e)
         sys.exit(2)
     return metrics.get(cfg.get("optimized_metric"))

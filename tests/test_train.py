@@ -55,3 +55,16 @@ def test_one_full_epoch_reaches_98_percent(make_cfg):
         )
     )
     assert metrics["val/acc"] >= 0.98 and metrics["test/acc"] >= 0.98
+
+
+def test_load_model_reads_a_real_checkpoint_and_refuses_other_files(make_cfg, tmp_path):
+    from mnist_cnn.checkpoint import CheckpointError, load_model
+
+    train(make_cfg("test=false"))
+    model = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    assert not model.training and model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    for path in (bogus, tmp_path / "missing.ckpt"):
+        with pytest.raises(CheckpointError, match="ckpt_path="):
+            load_model(path)
