@@ -1,10 +1,18 @@
-"""Callbacks beyond Lightning's own: the notebook's one line per epoch, kept as a history."""
+"""Callbacks beyond Lightning's own: the notebook's one line per epoch, kept as a history;
+RNG state in checkpoints (exact resume); Ctrl-C/SIGTERM save and stop; NaN/inf loss stop."""
 
 import logging
+import os
+import random
+import signal
+import threading
 import time
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -44,3 +52,119 @@ class EpochSummary(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+class RNGState(L.Callback):
+    """Saves the global RNG states (torch, CUDA, numpy, Python) in every checkpoint and restores
+    them on resume: Lightning does not, and dropout draws from torch's global generator, so a
+    resumed run would otherwise drop different units than an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        numpy_state = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in numpy_state],
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state_dict["python"]))
+        kind, keys, *rest = state_dict["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class Interrupted(Exception):
+    """Training was stopped by Ctrl-C or SIGTERM after saving ``checkpoint``."""
+
+    def __init__(self, signum: int, checkpoint: str | None, step: int | None = None):
+        self.signum, self.checkpoint = signum, checkpoint
+        saved = f"saved {checkpoint}" if checkpoint else "no checkpoint callback, nothing saved"
+        at = f" at step {step}" if step is not None else ""
+        super().__init__(f"Stopped by {signal.Signals(signum).name}{at} ({saved}).")
+
+
+class Diverged(RuntimeError):
+    """The training loss or the weights became NaN or infinite; nothing was saved after that."""
+
+
+class GracefulStop(L.Callback):
+    """Ctrl-C or SIGTERM: finish the current batch, save ``last.ckpt``, raise ``Interrupted``.
+
+    A second Ctrl-C aborts at once (Lightning's own KeyboardInterrupt handling, nothing saved).
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.checkpoint: str | None = None
+        self._previous = None
+        self._training = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.signum = signum
+        log.warning("Ctrl-C: stopping after this batch (press again to abort without saving)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._training = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm and self.signum is None:
+            self.signum = signal.SIGTERM
+        if self.signum is not None:
+            self.checkpoint = self._save(trainer)
+            raise Interrupted(self.signum, self.checkpoint, trainer.global_step)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning raises SIGTERMException between batches (validation, epoch end): save there too
+        if isinstance(exception, SIGTERMException) and self._training:
+            self.signum = signal.SIGTERM
+            self.checkpoint = self._save(trainer)
+
+    def _save(self, trainer) -> str | None:
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is None or checkpoint.dirpath is None:
+            return None
+        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + ".ckpt")
+        trainer.save_checkpoint(path, weights_only=False)  # the full state, to resume
+        return path
+
+
+class FiniteCheck(L.Callback):
+    """Stops with ``Diverged`` when the training loss is NaN or infinite, and refuses to save
+    non-finite weights, so the last checkpoint on disk is the last good one."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            raise Diverged(self._message(trainer, pl_module, f"the training loss is {loss.item()}"))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        bad = [n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise Diverged(self._message(trainer, pl_module, f"weights {bad[0]} are not finite"))
+
+    @staticmethod
+    def _message(trainer, pl_module, problem: str) -> str:
+        optimizer = pl_module.hparams.get("optimizer") or {}
+        return (
+            f"Training diverged at epoch {trainer.current_epoch + 1}, step {trainer.global_step}: "
+            f"{problem}. Nothing was saved after this point, so the newest checkpoint in "
+            f"{getattr(trainer.checkpoint_callback, 'dirpath', None)} is the last good one. "
+            f"Lower the learning rate (model.optimizer.lr={optimizer.get('lr')}) or add a "
+            "scheduler, then start again or resume from that checkpoint."
+        )

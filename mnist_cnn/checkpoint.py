@@ -3,9 +3,11 @@
 >>> model = load_model("outputs/runs/<run>/checkpoints/last.ckpt")  # doctest: +SKIP
 """
 
+import os
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mnist_cnn.module import MNISTClassifier
 
@@ -45,3 +47,51 @@ def load_model(path: str | Path, map_location="cpu") -> MNISTClassifier:
     except (TypeError, RuntimeError) as e:
         raise _fail(path, f"its weights do not fit the model ({str(e).splitlines()[0]})") from None
     return model.eval()
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, made safe both ways: a save goes to ``<file>.partial`` and is
+    renamed over the old file only when complete (a kill mid-save leaves the old file intact),
+    and a load (``trainer.fit(ckpt_path=...)``, ``trainer.test(ckpt_path="best")``) goes
+    through ``load_checkpoint`` (``weights_only=True``, a clear ``CheckpointError``).
+
+    >>> trainer = L.Trainer(plugins=[SafeCheckpointIO()])  # doctest: +SKIP
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint(path, map_location=map_location)
+
+
+def find_run(log_dir: str | Path, run: str | Path | bool = True) -> Path:
+    """The run dir to resume: ``run`` itself when it is a path, else the run under
+    ``<log_dir>/runs`` whose ``checkpoints/last.ckpt`` was written last.
+
+    >>> find_run("outputs")  # doctest: +SKIP
+    PosixPath('outputs/runs/2026-01-01_12-00-00_a1b2c3')
+    """
+    if run is True:
+        lasts = sorted(Path(log_dir).glob("runs/*/checkpoints/last.ckpt"), key=os.path.getmtime)
+        if not lasts:
+            raise CheckpointError(
+                f"resume=true found no run with checkpoints/last.ckpt in {log_dir}/runs"
+                ". Start a new run (leave out resume), or name the run: resume=outputs/runs/<run>."
+            )
+        return lasts[-1].parents[1]
+    run = Path(run)
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise CheckpointError(
+            f"Cannot resume {run}: {last} does not exist. Pass a run dir that holds "
+            "checkpoints/last.ckpt (resume=outputs/runs/<run>), or resume=true for the newest run."
+        )
+    return run

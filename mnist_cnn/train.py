@@ -3,17 +3,24 @@
 python -m mnist_cnn.train                                  # the defaults, 20 epochs
 python -m mnist_cnn.train trainer.max_epochs=1 data.batch_size=128
 python -m mnist_cnn.train -m model.optimizer.lr=1e-3,3e-3  # a sweep
+python -m mnist_cnn.train resume=true                      # continue the newest run
 """
 
 import logging
+import signal
 import sys
+from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from mnist_cnn.checkpoint import CheckpointError
+from mnist_cnn import runinfo
+from mnist_cnn.callbacks import Diverged, GracefulStop, Interrupted
+from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
 from mnist_cnn.data import DataError
+from mnist_cnn.validate import ConfigError, check, preflight
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +34,19 @@ def instantiate_group(group: DictConfig | None) -> list:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, return the final metrics (``val/acc_best``, ``test/acc``)."""
+    """Fit, test the best checkpoint, return the final metrics (``val/acc_best``, ``test/acc``).
+
+    ``resume=true`` continues from ``<paths.output_dir>/checkpoints/last.ckpt`` (the command
+    line points the run dir at the resumed run). Raises ``ConfigError``, ``DataError``,
+    ``CheckpointError``, ``Interrupted`` (Ctrl-C/SIGTERM, last.ckpt saved) or ``Diverged``.
+    """
+    check(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume"):
+        ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    if ckpt_path:
+        load_checkpoint(ckpt_path)  # a missing, damaged or foreign file stops here, clearly
+    runinfo.record(cfg.paths.output_dir, resumed_from=ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model, _recursive_=False)  # optimizer stays a config
@@ -35,7 +54,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning's own stop between batches; GracefulStop saved
+        stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
+        raise Interrupted(signal.SIGTERM, stop.checkpoint if stop else None) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         checkpoint = trainer.checkpoint_callback
@@ -52,11 +75,40 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except (DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, Diverged) as e:
         log.error("%s", e)
         sys.exit(2)
+    except Interrupted as e:
+        run = Path(cfg.paths.output_dir)
+        log.warning(
+            "%s Resume with: python -m mnist_cnn.train resume=%s (or resume=true for the newest "
+            "run), adding trainer.max_epochs=N to change the length.",
+            e,
+            run,
+        )
+        sys.exit(128 + e.signum)
     return metrics.get(cfg.get("optimized_metric"))
 
 
-if __name__ == "__main__":
+# flags the check works with; any other (--cfg, --help, --config-name, ...) goes straight to Hydra
+_PLAIN_FLAGS = {"-m", "--multirun", "-r", "--run"}
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m mnist_cnn.train``: check the overrides (and find the run to resume) before
+    Hydra starts a run, then run ``main``. A bad override exits with status 2, no traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    flags = [a for a in argv if a.startswith("-")]
+    if all(f in _PLAIN_FLAGS for f in flags):
+        overrides = [a for a in argv if not a.startswith("-")]
+        try:
+            overrides = preflight(overrides, multirun=bool({"-m", "--multirun"} & set(flags)))
+        except (ConfigError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        sys.argv = [sys.argv[0], *flags, *overrides]
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,71 @@
+"""What a run dir records beside Hydra's ``.hydra/`` (resolved config, overrides): the git
+commit with a dirty flag, the package versions and the command line, once per start (a resumed
+run adds an entry), in ``<run dir>/run_info.yaml``.
+
+>>> record("outputs/runs/<run>")  # doctest: +SKIP
+"""
+
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import yaml
+
+from mnist_cnn import ROOT
+
+PACKAGES = ("mnist_cnn", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core")
+PACKAGES += ("omegaconf", "numpy", "tensorboard")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str | None]:
+    """Python and the installed versions of the packages a result depends on."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def info(resumed_from: str | None = None) -> dict:
+    """This process: when, the command line, the git commit and whether the tree is dirty."""
+    status = _git("status", "--porcelain")
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "cwd": str(Path.cwd()),
+        "host": platform.node(),
+        "git": {
+            "commit": _git("rev-parse", "HEAD"),
+            "dirty": None if status is None else status != "",
+        },
+        "versions": versions(),
+        "resumed_from": resumed_from,
+    }
+
+
+def record(run_dir: str | Path, resumed_from: str | None = None) -> Path:
+    """Append this start to ``<run_dir>/run_info.yaml`` (a list, oldest first); return its path."""
+    path = Path(run_dir) / "run_info.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    starts = yaml.safe_load(path.read_text()) if path.is_file() else []
+    starts = [*(starts or []), info(resumed_from)]
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(yaml.safe_dump(starts, sort_keys=False))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,175 @@
+"""Check the config before any work: one message naming the key, the value and what is allowed.
+
+``check(cfg)`` tests the composed config against ``RULES``. ``preflight(argv)`` runs before
+Hydra starts a run: it composes the command line's overrides (a misspelt key or group option is
+named with the closest real one), checks every value of a sweep too, and for ``resume`` returns
+the command line that continues the old run in its own dir.
+
+>>> try:
+...     check(OmegaConf.create({"data": {"batch_size": 0}}))
+... except ConfigError as e:
+...     print(str(e)[:59])
+Invalid config: data.batch_size=0 (allowed: an integer >= 1
+"""
+
+import difflib
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_cnn import CONFIG_DIR
+from mnist_cnn.checkpoint import find_run, load_checkpoint
+
+
+class ConfigError(ValueError):
+    """A config value or key that is not allowed; the message names it and what to do."""
+
+
+def _int(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(test):
+    return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and test(v)
+
+
+ACCELERATORS = sorted(set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"})
+
+# key: (test, what is allowed, an example); a key missing from the config is not checked
+RULES = {
+    "seed": (_int(0), "an integer >= 0", "seed=1"),
+    "data.batch_size": (_int(1), "an integer >= 1", "data.batch_size=64"),
+    "data.eval_batch_size": (_int(1), "an integer >= 1", "data.eval_batch_size=1000"),
+    "data.num_workers": (_int(0), "an integer >= 0", "data.num_workers=0"),
+    "data.loader": (lambda v: v in ("tensor", "torchvision"), "tensor or torchvision", ""),
+    "model.optimizer.lr": (_number(lambda v: v > 0), "a number > 0", "model.optimizer.lr=0.001"),
+    "model.net.dropout": (
+        _number(lambda v: 0 <= v < 1),
+        "a number in [0, 1)",
+        "model.net.dropout=0.5",
+    ),
+    "model.net.hidden": (_int(1), "an integer >= 1", "model.net.hidden=1024"),
+    "trainer.max_epochs": (_int(1), "an integer >= 1", "trainer.max_epochs=20"),
+    "trainer.accelerator": (lambda v: v in ACCELERATORS, " or ".join(ACCELERATORS), ""),
+    "trainer.deterministic": (lambda v: v in (True, False, "warn"), "true, false or warn", ""),
+    "callbacks.step_checkpoint.every_n_train_steps": (
+        _int(1),
+        "an integer >= 1 (training steps between saves of last.ckpt)",
+        "callbacks.step_checkpoint.every_n_train_steps=200",
+    ),
+    "resume": (
+        lambda v: isinstance(v, bool) or (isinstance(v, str) and v != ""),
+        "true, false or a run dir",
+        "resume=true",
+    ),
+}
+_ABSENT = object()
+
+
+def _problem(key: str, value) -> str | None:
+    test, allowed, example = RULES[key]
+    if isinstance(value, DictConfig) and "_target_" in value:  # e.g. a custom Accelerator object
+        return None
+    if test(value):
+        return None
+    shown = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+    shown = "null" if shown is None else shown
+    return f"{key}={shown} (allowed: {allowed}{', e.g. ' + example if example else ''})"
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` naming every key whose value ``RULES`` does not allow."""
+    problems = []
+    for key in RULES:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and (problem := _problem(key, value)):
+            problems.append(problem)
+    if problems:
+        raise ConfigError(
+            f"Invalid config: {'; '.join(problems)}. Fix it on the command line or in conf/."
+        )
+
+
+def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg:
+        node = cfg._get_node(key)
+        keys.append(prefix + str(key))
+        if isinstance(node, DictConfig):
+            keys += _keys(node, f"{prefix}{key}.")
+    return keys
+
+
+def _explain(overrides: list, config_name: str, error: Exception) -> str:
+    """Name the override Hydra refused: an unknown group option or key, else Hydra's words."""
+    for o in overrides:
+        group = CONFIG_DIR / o.key_or_group
+        if group.is_dir() and not o.is_delete():
+            options = sorted(p.stem for p in group.glob("*.yaml"))
+            if o.value() is not None and o.get_value_element_as_str() not in options:
+                return (
+                    f"Unknown option {o.input_line}: conf/{o.key_or_group}/ holds "
+                    f"{', '.join(options)}. Use one of them, e.g. {o.key_or_group}={options[0]}."
+                )
+    groups = [o.input_line for o in overrides if (CONFIG_DIR / o.key_or_group).is_dir()]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=groups)
+    known = _keys(cfg)
+    for o in overrides:
+        plain = not (o.is_add() or o.is_force_add() or (CONFIG_DIR / o.key_or_group).is_dir())
+        if plain and OmegaConf.select(cfg, o.key_or_group, default=_ABSENT) is _ABSENT:
+            close = difflib.get_close_matches(o.key_or_group, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}? " if close else ""
+            return (
+                f"Unknown config key {o.key_or_group} (in {o.input_line}): {hint}"
+                f"`python -m mnist_cnn.train --cfg job` lists every key; to add a new key on "
+                f"purpose, write +{o.input_line}."
+            )
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"Invalid override: {' '.join(lines[:3])}"
+
+
+def preflight(overrides: list[str], multirun: bool = False, config_name: str = "train") -> list:
+    """Compose and check the command line's overrides; return the overrides to run with.
+
+    For ``resume=true`` (or ``resume=<run dir>``) that is the old run's overrides, then these,
+    then ``hydra.run.dir=<the old run dir>``, so the run continues where and how it was.
+    """
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # a syntax error: Hydra reports it itself, with its grammar
+        return overrides
+    task = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    first = [  # a sweep is composed with its first value; every value is checked below
+        f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
+        if o.is_sweep_override()
+        else o.input_line
+        for o in task
+    ]
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=first)
+    except Exception as e:
+        raise ConfigError(_explain(task, config_name, e)) from None
+    check(cfg)
+    for o in task:
+        if o.is_sweep_override() and o.key_or_group in RULES:
+            bad = [p for v in o.sweep_iterator() if (p := _problem(o.key_or_group, v))]
+            if bad:
+                raise ConfigError(f"Invalid sweep {o.input_line}: {'; '.join(bad)}.")
+    if not cfg.get("resume"):
+        return overrides
+    if multirun:
+        raise ConfigError("resume cannot be combined with a sweep (-m): resume one run at a time.")
+    run = find_run(cfg.paths.log_dir, cfg.resume).resolve()
+    load_checkpoint(run / "checkpoints" / "last.ckpt")  # a damaged file stops here, clearly
+    given = {o.key_or_group for o in task} | {"resume", "ckpt_path"}
+    old_file = run / ".hydra" / "overrides.yaml"
+    old = yaml.safe_load(old_file.read_text()) if old_file.is_file() else []
+    old_parsed = OverridesParser.create().parse_overrides(old or [])
+    kept = [o.input_line for o in old_parsed if o.key_or_group not in given]
+    quoted = str(run).replace("\\", "\\\\").replace("'", "\\'")
+    return [*kept, *overrides, f"hydra.run.dir='{quoted}'"]
