@@ -97,6 +97,8 @@ def prepare_mnist(data_dir: str | os.PathLike) -> Path:
         if not bad:
             return raw
         for name in bad:  # a damaged extracted file is removed so it is made again from .gz
+            if (raw / name).exists():
+                log.warning("rebuilding %s from its .gz (%s)", name, bad[name])
             (raw / name).unlink(missing_ok=True)
         problems = raw_problems(raw)
         for name in problems:  # torchvision would otherwise keep a .gz whose MD5 fails
@@ -106,7 +108,8 @@ def prepare_mnist(data_dir: str | os.PathLike) -> Path:
         try:
             _extract_all(raw, data_dir)
         except (RuntimeError, OSError) as e:
-            raise DataError(_missing_data_message(data_dir, problems, str(e))) from None
+            damaged = {n: f"{p} (removed)" for n, p in bad.items() if p != "missing"}
+            raise DataError(_missing_data_message(data_dir, damaged | problems, str(e))) from None
         if bad := {
             n: p for n, (_, s, m) in RAW_FILES.items() if (p := _idx_problem(raw / n, s, m))
         }:

@@ -1,11 +1,14 @@
 import gzip
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from mnist_cnn.data import RAW_FILES, DataError, MNISTDataModule, prepare_mnist
+from mnist_cnn.data import RAW_FILES, DataError, MNISTDataModule, _idx_problem, prepare_mnist
 
 
 def raw_images(data_dir, name="train-images-idx3-ubyte"):
@@ -107,3 +110,103 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")  # fails for root too, unlike chmod
     with pytest.raises(DataError, match="Cannot write to the data folder"):
         prepare_mnist(blocker / "data")
+
+
+def run_data_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_cnn.data", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_idx_file_with_the_wrong_magic_number_is_rebuilt_from_gz(data_dir, tmp_path):
+    raw = copy_raw(data_dir, tmp_path)
+    prepare_mnist(tmp_path)
+    labels = raw / "train-labels-idx1-ubyte"
+    good = labels.read_bytes()
+    labels.write_bytes((2051).to_bytes(4, "big") + good[4:])  # right size, images' magic
+    prepare_mnist(tmp_path)
+    assert labels.read_bytes() == good
+
+
+def test_idx_file_with_the_wrong_magic_and_no_gz_is_named(data_dir, tmp_path):
+    raw = copy_raw(data_dir, tmp_path)
+    prepare_mnist(tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(b"\0\0\0\0" + labels.read_bytes()[4:])
+    (raw / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: magic number 0 instead of 2049"):
+        prepare_mnist(tmp_path)
+    assert not labels.exists()  # never used
+
+
+def test_corrupted_gz_of_the_right_size_is_caught_by_md5(data_dir, tmp_path):
+    raw = copy_raw(data_dir, tmp_path)
+    gz = raw / "t10k-images-idx3-ubyte.gz"
+    data = bytearray(gz.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    gz.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: MD5"):
+        prepare_mnist(tmp_path)
+    assert not (raw / "t10k-images-idx3-ubyte").exists()
+    assert (raw / "t10k-images-idx3-ubyte.gz.corrupt").read_bytes() == bytes(data)
+
+
+def test_a_leftover_of_an_interrupted_extraction_never_passes_as_valid(data_dir, tmp_path):
+    raw = copy_raw(data_dir, tmp_path)
+    name = "train-images-idx3-ubyte"
+    with gzip.open(raw / f"{name}.gz") as f:
+        (raw / f".{name}.partial").write_bytes(f.read(1_000_000))  # what a kill mid-write leaves
+    assert prepare_mnist(tmp_path) == raw
+    assert (raw / name).stat().st_size == RAW_FILES[name][1]
+
+
+def test_kill_9_during_extraction_leaves_nothing_that_passes_as_valid(data_dir, tmp_path):
+    raw = copy_raw(data_dir, tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn.data", "--data-dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while proc.poll() is None and not list(raw.glob(".*.partial")):
+        time.sleep(0.001)
+    proc.kill()
+    assert proc.wait() == -9  # killed mid-extraction, not finished
+    for name, (_, size, magic) in RAW_FILES.items():  # a final name is complete or absent
+        assert not (raw / name).exists() or _idx_problem(raw / name, size, magic) is None
+    assert prepare_mnist(tmp_path) == raw
+    assert all((raw / name).stat().st_size == size for name, (_, size, _) in RAW_FILES.items())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_data_cli_names_a_damaged_gz_and_the_fix(data_dir, tmp_path, damage):
+    raw = copy_raw(data_dir, tmp_path)
+    gz = raw / "train-labels-idx1-ubyte.gz"
+    data = bytearray(gz.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2 :]
+    else:
+        data[100] ^= 0x01
+    gz.write_bytes(bytes(data))
+    proc = run_data_cli("--data-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "train-labels-idx1-ubyte.gz: MD5" in proc.stderr and "MNIST_DATA_DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_data_cli_rebuilds_a_damaged_extracted_file(data_dir, tmp_path):
+    raw = copy_raw(data_dir, tmp_path)
+    prepare_mnist(tmp_path)
+    images = raw / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-1])  # one byte short
+    proc = run_data_cli("--data-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "rebuilding t10k-images-idx3-ubyte" in proc.stderr
+    assert images.stat().st_size == RAW_FILES["t10k-images-idx3-ubyte"][1]
+
+
+def test_data_cli_reports_an_unwritable_data_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_data_cli("--data-dir", str(blocker / "data"))
+    assert proc.returncode == 2 and "Cannot write to the data folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
