@@ -1,0 +1,108 @@
+"""Bad settings stop ``python -m mnist_cnn.train`` before any work: one message, exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import compose_train
+from omegaconf import OmegaConf
+
+from mnist_cnn.train import train
+from mnist_cnn.validate import ACCELERATORS, RULES, ConfigError, check, preflight
+
+# override -> words the message must hold (the key, the value, what is allowed)
+BAD = {
+    "data.batch_size=0": ["data.batch_size=0", "an integer >= 1"],
+    "data.batch_size=abc": ["data.batch_size=abc", "an integer >= 1"],
+    "model.optimizer.lr=0": ["model.optimizer.lr=0", "a number > 0"],
+    "model.optimizer.lr=-0.1": ["model.optimizer.lr=-0.1", "a number > 0"],
+    "model.net.dropout=1.0": ["model.net.dropout=1.0", "[0, 1)"],
+    "model.net.dropout=-0.5": ["model.net.dropout=-0.5", "[0, 1)"],
+    "trainer.accelerator=gpux": ["trainer.accelerator=gpux", "auto or cpu"],
+    "trainer.max_epochs=0": ["trainer.max_epochs=0", "an integer >= 1"],
+    "trainer.max_epoch=3": ["trainer.max_epoch", "did you mean trainer.max_epochs?"],
+    "data.batchsize=32": ["data.batchsize", "did you mean data.batch_size?"],
+    "trainer=gpux": ["trainer=gpux", "cpu, default, gpu"],
+}
+
+
+def cli(*args: str, cwd=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_each_bad_override_is_refused_with_key_value_and_what_is_allowed(bad):
+    with pytest.raises(ConfigError) as err:
+        preflight([bad])
+    for words in BAD[bad]:
+        assert words in str(err.value)
+
+
+def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path):
+    # real processes, started together: every value rule at once, a misspelt key, an unknown
+    # group option, a bad value inside a sweep
+    values = [b for b in BAD if "did you mean" not in BAD[b][1] and not b.startswith("trainer=")]
+    values.remove("data.batch_size=abc")  # one value per key
+    values.remove("model.optimizer.lr=-0.1")
+    values.remove("model.net.dropout=-0.5")
+    runs = {
+        "values": values + ["data.eval_batch_size=abc"],
+        "key": ["trainer.max_epoch=3"],
+        "group": ["trainer=gpux"],
+        "sweep": ["-m", "model.optimizer.lr=0.001,-1"],
+    }
+    procs = {name: cli(f"paths.log_dir={tmp_path}", *args) for name, args in runs.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (name, out, err)
+        assert "Traceback" not in out + err, name
+        (line,) = [line for line in err.splitlines() if line.strip()]  # one paragraph
+        expected = [w for b in runs[name] for w in BAD.get(b, [])]
+        expected += {
+            "values": ["data.eval_batch_size=abc"],
+            "sweep": ["lr=-1", "a number > 0"],
+        }.get(name, [])
+        for words in expected:
+            assert words in line, (name, words, line)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "multiruns").exists()
+
+
+def test_resume_with_nothing_to_resume_is_a_clear_error(tmp_path):
+    newest = cli(f"paths.log_dir={tmp_path}", "resume=true")
+    given = cli(f"paths.log_dir={tmp_path}", f"resume={tmp_path}/nowhere")
+    for proc, words in [
+        (newest, f"found no run with checkpoints/last.ckpt in {tmp_path}/runs"),
+        (given, f"{tmp_path}/nowhere/checkpoints/last.ckpt does not exist"),
+    ]:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in out + err
+        assert words in err and "resume=" in err
+
+
+def test_the_defaults_and_every_option_pass_and_every_rule_names_a_real_key():
+    cfg = compose_train("paths.output_dir=.")
+    check(cfg)
+    for key in RULES:
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+    for option in ("experiment=seed", "trainer=cpu", "debug=fast", "callbacks=none"):
+        check(compose_train(option, "paths.output_dir=."))
+
+
+def test_accelerators_are_lightnings():
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    assert set(ACCELERATORS) == set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"}
+
+
+@pytest.mark.parametrize("bad", ["data.batch_size=0", "trainer.max_epochs=-1"])
+def test_train_checks_too_before_any_work(tmp_path, bad):
+    cfg = compose_train(f"paths.output_dir={tmp_path}", bad)
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        train(cfg)
+    assert list(tmp_path.iterdir()) == []  # nothing written
