@@ -1,0 +1,138 @@
+"""The trained network for use without Lightning: ``model.pt`` (a state_dict plus the
+``build_cnn`` arguments, written by every run) and ONNX with a dynamic batch.
+
+python -m mnist_cnn.export ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt            # ONNX
+python -m mnist_cnn.export ckpt_path=... format=pt output=model.pt
+
+Loading ``model.pt`` needs torch and this package's ``build_cnn`` only:
+
+>>> weights = torch.load("outputs/runs/<run>/model.pt", weights_only=True)  # doctest: +SKIP
+>>> net = build_cnn(**weights["net"]); net.load_state_dict(weights["state_dict"])  # doctest: +SKIP
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from mnist_cnn.checkpoint import CheckpointError, load_checkpoint, load_model
+from mnist_cnn.model import build_cnn
+from mnist_cnn.validate import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "pt")
+ONNX_TOLERANCE = 1e-4  # max abs difference of the logits, ONNX Runtime vs PyTorch
+
+
+def weights(checkpoint: dict) -> dict:
+    """``{"state_dict": <the nn.Sequential's>, "net": <build_cnn kwargs>}`` from a Lightning
+    checkpoint dict (plain types and tensors only: loads with ``weights_only=True``)."""
+    state = {k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net = dict(checkpoint["hyper_parameters"].get("net") or {})
+    build_cnn(**net).load_state_dict(state)  # fails here, not in the user's hands
+    return {"state_dict": state, "net": net}
+
+
+def save_weights(checkpoint: dict, path: str | Path) -> Path:
+    """Write ``weights(checkpoint)`` to ``path`` with ``torch.save``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(weights(checkpoint), path)
+    return path
+
+
+class ExportWeights(L.Callback):
+    """After fit, writes the best checkpoint's network (the last weights when there is no
+    checkpoint callback) to ``<run dir>/model.pt``."""
+
+    def __init__(self, filename: str = "model.pt"):
+        self.filename = filename
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if best:
+            checkpoint = load_checkpoint(best)
+        else:
+            state = {f"net.{k}": v.cpu() for k, v in pl_module.net.state_dict().items()}
+            checkpoint = {"state_dict": state, "hyper_parameters": dict(pl_module.hparams)}
+        path = save_weights(checkpoint, Path(trainer.default_root_dir) / self.filename)
+        log.info("wrote %s (weights of %s)", path, best or "the last epoch")
+
+
+def export_onnx(net: torch.nn.Module, path: str | Path) -> float:
+    """Write ``net`` as ONNX with a dynamic batch; return the max abs difference of its outputs
+    in ONNX Runtime against PyTorch on a random batch (raises when above ``ONNX_TOLERANCE``)."""
+    import onnxruntime as ort  # the `onnx` extra
+
+    net = net.eval().cpu()
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(
+        net,
+        (torch.rand(2, 1, 28, 28),),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        external_data=False,  # one file
+    )
+    x = torch.rand(7, 1, 28, 28)  # another batch size than the export's: the batch is dynamic
+    with torch.no_grad():
+        expected = net(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": x.numpy()})
+    diff = float(abs(got - expected).max())
+    if diff > ONNX_TOLERANCE:
+        raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {ONNX_TOLERANCE})")
+    return diff
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write the checkpoint's network as ``cfg.format`` to ``cfg.output`` (default: beside the
+    checkpoint, ``<name>.onnx`` or ``<name>.pt``)."""
+    if not cfg.get("ckpt_path"):
+        raise ConfigError(
+            "ckpt_path is required: python -m mnist_cnn.export "
+            "ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt format=onnx"
+        )
+    if cfg.format not in FORMATS:
+        raise ConfigError(
+            f"format={cfg.format} is not one of {', '.join(FORMATS)}: use format=onnx"
+        )
+    ckpt = Path(cfg.ckpt_path)
+    output = Path(cfg.output) if cfg.get("output") else ckpt.with_suffix(f".{cfg.format}")
+    if cfg.format == "pt":
+        save_weights(load_checkpoint(ckpt), output)
+        print(f"wrote {output}")
+        return output
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"format=onnx needs the onnx extra ({e.name} is not installed): "
+            "pip install -e '.[onnx]'"
+        ) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    diff = export_onnx(load_model(ckpt).net, output)
+    print(f"wrote {output} (ONNX Runtime vs PyTorch: max abs diff {diff:.1e})")
+    return output
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        export(cfg)
+    except (ConfigError, CheckpointError) as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

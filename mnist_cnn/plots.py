@@ -1,0 +1,178 @@
+"""What a run shows: the notebook's figures (learning curves, 12 test digits, confusion matrix)
+written to ``<run dir>/figures/`` and to TensorBoard, the hyper-parameters with the final metrics
+for TensorBoard's HPARAMS tab, and the learning rate per epoch.
+
+Figures are plain ``matplotlib.figure.Figure`` objects drawn with the Agg canvas (no pyplot
+state, no display needed); in a notebook the returned figure shows itself.
+
+>>> fig = learning_curves([{"epoch": 1, "train/loss": 0.2, "val/loss": 0.1,
+...                         "train/acc": 0.94, "val/acc": 0.97}])
+>>> save(fig, "/tmp/learning_curves.png")  # doctest: +SKIP
+"""
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch.utils.tensorboard.summary import hparams
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from mnist_cnn.callbacks import EpochSummary
+
+log = logging.getLogger(__name__)
+
+FIT_METRICS = ("val/acc_best", "val/acc", "val/loss", "train/acc", "train/loss")
+TEST_METRICS = ("test/acc", "test/loss")
+
+
+def _figure(**kwargs) -> Figure:
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG, making the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def learning_curves(history: list[dict]) -> Figure:
+    """The notebook's two panels: loss and accuracy per epoch, train vs validation.
+
+    ``history`` is ``EpochSummary.history``: one dict per epoch with ``epoch``, ``train/loss``,
+    ``train/acc``, ``val/loss``, ``val/acc``.
+    """
+    fig = _figure(figsize=(10, 4), layout="constrained")
+    epochs = [row["epoch"] for row in history]
+    for ax, name, title in zip(
+        fig.subplots(1, 2), ("loss", "acc"), ("Loss", "Accuracy"), strict=True
+    ):
+        for stage, label in (("train", "training"), ("val", "validation")):
+            values = [row.get(f"{stage}/{name}", float("nan")) for row in history]
+            ax.plot(epochs, values, marker="o", label=label)
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def prediction_grid(images: torch.Tensor, labels, preds) -> Figure:
+    """A 2x6 grid of the first 12 ``images`` (N, 1, 28, 28) titled with the predicted label;
+    a wrong prediction is titled in red with the true label, e.g. ``5 (true 3)``."""
+    fig = _figure(figsize=(9, 3.6), layout="constrained")
+    axes = fig.subplots(2, 6).flat  # fewer than 12 images leave empty axes
+    for ax, image, label, pred in zip(axes, images, labels, preds, strict=False):
+        label, pred = int(label), int(pred)
+        ax.imshow(image.squeeze().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        right = label == pred
+        ax.set_title(f"{pred}" if right else f"{pred} (true {label})", color="k" if right else "r")
+        ax.axis("off")
+    return fig
+
+
+def confusion_matrix(metric: MulticlassConfusionMatrix) -> Figure:
+    """torchmetrics' plot of a computed confusion matrix: true label by row, predicted by column."""
+    fig = _figure(figsize=(7, 6), layout="constrained")
+    metric.plot(ax=fig.subplots(), labels=[str(i) for i in range(metric.num_classes)])
+    fig.axes[0].set_title("Confusion matrix (test set)")
+    return fig
+
+
+def _flat(params: dict, prefix: str = "") -> dict:
+    """Nested hyper-parameters as ``{"model.optimizer.lr": 0.001}``; lists and None as text."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            plain = isinstance(value, bool | int | float | str)
+            flat[f"{prefix}{key}"] = value if plain else str(value)
+    return flat
+
+
+class Figures(L.Callback):
+    """After fit: ``figures/learning_curves.png`` (from ``EpochSummary``'s history) and the
+    hyper-parameters for TensorBoard's HPARAMS tab, with the train, val and test metrics as its
+    columns. After test: ``figures/predictions.png`` (the first 12 test digits) and
+    ``figures/confusion_matrix.png``. Each figure is also logged to TensorBoard as an image."""
+
+    def __init__(self, folder: str = "figures"):
+        self.folder = folder
+        self._logits: torch.Tensor | None = None
+        self._hook = None
+        self._confmat: MulticlassConfusionMatrix | None = None
+        self._sample: list[torch.Tensor] = []
+
+    def _emit(self, trainer, name: str, fig: Figure) -> None:
+        path = save(fig, Path(trainer.default_root_dir) / self.folder / f"{name}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(f"figures/{name}", fig, trainer.global_step)
+        log.info("wrote %s", path)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        summary = next((c for c in trainer.callbacks if isinstance(c, EpochSummary)), None)
+        if summary and summary.history:
+            self._emit(trainer, "learning_curves", learning_curves(summary.history))
+        params = _flat({"model": dict(pl_module.hparams)})
+        if trainer.datamodule is not None:
+            params |= _flat({"data": dict(trainer.datamodule.hparams)})
+        params["trainer.max_epochs"] = trainer.max_epochs
+        # the columns; their values are the runs' own scalars with these tags
+        exp, start, end = hparams(params, dict.fromkeys(FIT_METRICS + TEST_METRICS, 0.0))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                writer = logger.experiment._get_file_writer()  # as Lightning's log_hyperparams
+                for summary_proto in (exp, start, end):
+                    writer.add_summary(summary_proto, trainer.global_step)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._confmat = MulticlassConfusionMatrix(num_classes=10).to(pl_module.device)
+        self._sample = []
+        self._hook = pl_module.register_forward_hook(self._keep_logits)
+
+    def _keep_logits(self, module, inputs, output) -> None:
+        self._logits = output.detach()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        preds = self._logits.argmax(-1)  # from the forward pass test_step just made
+        self._confmat.update(preds, y)
+        if not self._sample:
+            self._sample = [x[:12].cpu().float(), y[:12].cpu(), preds[:12].cpu()]
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._hook.remove()
+        self._confmat.compute()  # syncs across processes; every rank takes part
+        if trainer.is_global_zero and self._sample:
+            self._emit(trainer, "predictions", prediction_grid(*self._sample))
+            self._emit(trainer, "confusion_matrix", confusion_matrix(self._confmat))
+
+
+class LRMonitor(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor``, idle when the run has no logger (``logger=none``)
+    instead of stopping the run."""
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)

@@ -1,0 +1,88 @@
+"""Figures and TensorBoard: what a real (tiny) training run leaves to look at."""
+
+import pytest
+import torch
+from conftest import compose_train
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata
+
+from mnist_cnn.plots import prediction_grid
+from mnist_cnn.train import train
+
+FIGURES = ("learning_curves", "predictions", "confusion_matrix")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir):
+    """Two tiny epochs and a test, with the default callbacks and the TensorBoard logger."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_train(
+        "debug=fast",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+        f"paths.output_dir={out}",
+        f"paths.log_dir={out}",
+        f"data.data_dir={data_dir}",
+        "callbacks.progress_bar.refresh_rate=0",
+        "model.optimizer.lr=0.002",
+    )
+    return out, train(cfg)
+
+
+def test_each_run_writes_the_three_figures_as_png(run):
+    out, _ = run
+    for name in FIGURES:
+        path = out / "figures" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        with Image.open(path) as image:
+            image.verify()  # a complete, uncorrupted PNG
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) >= 300, (name, image.size)
+
+
+def test_tensorboard_holds_each_epochs_scalars_the_lr_the_test_and_the_figures(run):
+    out, metrics = run
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    steps = {}
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr-Adam"):
+        steps[tag] = [e.step for e in events.Scalars(tag)]
+        assert len(steps[tag]) == 2, (tag, steps[tag])  # one value per epoch
+    assert steps["train/loss"] == steps["val/acc"] and steps["val/acc"][0] < steps["val/acc"][1]
+    assert [e.value for e in events.Scalars("lr-Adam")] == pytest.approx([0.002, 0.002])
+    for tag in ("test/acc", "test/loss"):
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx([metrics[tag]]), tag
+    for name in FIGURES:
+        (image,) = events.Images(f"figures/{name}")
+        assert image.encoded_image_string[:4] == b"\x89PNG" and image.width >= 300
+
+
+def test_hparams_tab_lists_the_config_with_the_final_metrics_as_columns(run):
+    out, _ = run
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    start = events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    hparams = metadata.parse_session_start_info_plugin_data(start).hparams
+    assert hparams["model.optimizer.lr"].number_value == pytest.approx(0.002)
+    assert hparams["data.batch_size"].number_value == 64
+    assert hparams["trainer.max_epochs"].number_value == 2
+    assert hparams["model.net.channels"].string_value == "[32, 64]"
+    experiment = events.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    columns = {m.name.tag for m in metadata.parse_experiment_plugin_data(experiment).metric_infos}
+    assert {"val/acc_best", "test/acc", "test/loss"} <= columns
+    scalars = set(events.Tags()["scalars"])
+    assert columns <= scalars  # each column reads a scalar the run logged
+
+
+def test_prediction_grid_marks_the_wrong_predictions():
+    images = torch.rand(12, 1, 28, 28)
+    labels = torch.arange(12) % 10
+    preds = labels.clone()
+    preds[[3, 7]] = 0
+    fig = prediction_grid(images, labels, preds)
+    titles = [(ax.get_title(), ax.title.get_color()) for ax in fig.axes]
+    assert len(fig.axes) == 12
+    assert titles[3] == ("0 (true 3)", "r") and titles[7] == ("0 (true 7)", "r")
+    assert titles[4] == ("4", "k")
+    assert sum(color == "r" for _, color in titles) == 2
