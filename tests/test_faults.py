@@ -1,0 +1,224 @@
+"""Interruption, divergence and bad checkpoint files, with real processes and real signals."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+import yaml
+
+from mnist_cnn import ROOT
+from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
+from mnist_cnn.module import MNISTClassifier
+from mnist_cnn.train import train
+
+FAST = ["debug=fast", "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
+
+
+def start(tmp_path: Path, data_dir: Path, *args: str) -> subprocess.Popen:
+    """``python -m mnist_cnn.train`` with runs under ``tmp_path/runs``, output in a log file."""
+    log = open(tmp_path / f"out-{time.monotonic_ns()}.txt", "w+")  # noqa: SIM115 (read back)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn.train", *FAST, f"paths.log_dir={tmp_path}"]
+        + [f"data.data_dir={data_dir}", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    proc.log = log
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    proc.wait(timeout=600)
+    proc.log.seek(0)
+    return proc.returncode, proc.log.read()
+
+
+def wait_until(proc: subprocess.Popen, condition, poll: float = 0.01) -> None:
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail("the run ended too soon:\n" + finish(proc)[1][-3000:])
+        time.sleep(poll)
+
+
+def the_run(tmp_path: Path) -> Path:
+    (run,) = (tmp_path / "runs").iterdir()
+    return run
+
+
+def step(path: Path) -> int:
+    """The global step of a checkpoint, -1 while there is none."""
+    if not path.exists():
+        return -1
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def last_ckpt(tmp_path: Path) -> Path:
+    runs = list((tmp_path / "runs").glob("*/checkpoints/last.ckpt"))
+    return runs[0] if runs else tmp_path / "none"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, data_dir, sig):
+    steps = ["trainer.max_epochs=2", "trainer.limit_train_batches=20", "logger=tensorboard"]
+    proc = start(tmp_path, data_dir, *steps, "callbacks.step_checkpoint.every_n_train_steps=3")
+    wait_until(proc, lambda: last_ckpt(tmp_path).exists())
+    proc.send_signal(sig)
+    code, out = finish(proc)
+    assert code == 128 + sig, out[-3000:]
+    assert "Traceback" not in out
+    run = the_run(tmp_path)
+    stopped = re.search(rf"Stopped by {sig.name} at step (\d+) \(saved (\S+)\)", out)
+    assert stopped, out[-3000:]
+    assert stopped[2] == str(run / "checkpoints" / "last.ckpt")
+    assert step(run / "checkpoints" / "last.ckpt") == int(stopped[1]) < 40  # nothing lost
+    assert f"Resume with: python -m mnist_cnn.train resume={run}" in out
+    if sig != signal.SIGTERM:
+        return
+
+    code, out = finish(start(tmp_path, data_dir, "resume=true"))  # the old overrides come back
+    assert code == 0, out[-3000:]
+    assert the_run(tmp_path) == run  # same run dir, same TensorBoard dir
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert (state["epoch"], state["global_step"]) == (1, 40)
+    assert [r["epoch"] for r in state["callbacks"]["EpochSummary"]["history"]] == [1, 2]
+    starts = yaml.safe_load((run / "run_info.yaml").read_text())
+    assert [s["resumed_from"] for s in starts] == [None, str(run / "checkpoints" / "last.ckpt")]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2
+    for path in run.rglob("*"):  # every checkpoint and exported file
+        if path.suffix in (".ckpt", ".pt", ".pth"):
+            torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_kill_9_mid_epoch_loses_only_the_steps_since_last_ckpt(tmp_path, data_dir):
+    steps = ["trainer.max_epochs=2", "trainer.limit_train_batches=12", "logger=none", "test=false"]
+    proc = start(tmp_path, data_dir, *steps, "callbacks.step_checkpoint.every_n_train_steps=3")
+    last = tmp_path / "unknown"
+
+    def in_epoch_2_and_not_saving() -> bool:
+        nonlocal last
+        last = last_ckpt(tmp_path)
+        return step(last) > 12 and not last.with_name("last.ckpt.partial").exists()
+
+    wait_until(proc, in_epoch_2_and_not_saving)
+    proc.kill()
+    assert finish(proc)[0] == -signal.SIGKILL
+    saved = load_checkpoint(last)
+    assert saved["global_step"] % 3 == 0 and 12 < saved["global_step"] < 24
+    assert [r["epoch"] for r in saved["callbacks"]["EpochSummary"]["history"]] == [1]
+
+    code, out = finish(start(tmp_path, data_dir, f"resume={last.parents[1]}"))
+    assert code == 0, out[-3000:]
+    assert f"Restoring states from the checkpoint path at {last}" in out
+    state = load_checkpoint(last)
+    assert state["global_step"] == 24
+    history = state["callbacks"]["EpochSummary"]["history"]
+    assert history[0] == saved["callbacks"]["EpochSummary"]["history"][0]  # restored, not redone
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_kill_9_during_a_checkpoint_save_leaves_the_previous_last_ckpt(tmp_path, data_dir):
+    steps = ["trainer.max_epochs=1", "trainer.limit_train_batches=8", "logger=none", "test=false"]
+    proc = start(tmp_path, data_dir, *steps, "callbacks.step_checkpoint.every_n_train_steps=1")
+    wait_until(proc, lambda: last_ckpt(tmp_path).exists())
+    last = last_ckpt(tmp_path)
+    partial = last.with_name("last.ckpt.partial")
+    wait_until(proc, partial.exists, poll=0.0005)
+    proc.kill()  # while the next checkpoint is being written
+    assert finish(proc)[0] == -signal.SIGKILL
+    state = load_checkpoint(last)  # complete, readable with weights_only=True
+    assert state["global_step"] >= 1
+
+    code, out = finish(start(tmp_path, data_dir, "resume=true"))
+    assert code == 0, out[-3000:]
+    assert step(last) == 8 and not partial.exists()
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tmp_path, data_dir
+):
+    steps = ["trainer.max_epochs=2", "trainer.limit_train_batches=10", "logger=none"]
+    args = [*steps, "callbacks.step_checkpoint.every_n_train_steps=1", "model.optimizer.lr=1e8"]
+    code, out = finish(start(tmp_path, data_dir, *args))
+    assert code == 2 and "Traceback" not in out
+    diverged = re.search(r"Training diverged at epoch 1, step (\d+): the training loss is nan", out)
+    assert diverged, out[-3000:]
+    assert "model.optimizer.lr=100000000.0" in out
+    state = load_checkpoint(the_run(tmp_path) / "checkpoints" / "last.ckpt")
+    assert state["global_step"] < int(diverged[1])
+    assert all(torch.isfinite(w).all() for k, w in state["state_dict"].items() if "net." in k)
+
+
+class Payload:
+    """Pickles to a call that creates a file: what a tampered checkpoint could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    files = {name: tmp_path / f"{name}.ckpt" for name in ("text", "truncated", "pickle", "plain")}
+    files["text"].write_text("not a checkpoint")
+    model = MNISTClassifier()
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {}}, files["truncated"])
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:100_000])
+    state = {"state_dict": Payload(tmp_path / "ran"), "hyper_parameters": {}}
+    torch.save(state, files["pickle"])
+    torch.save({"weights": torch.zeros(3)}, files["plain"])  # a tensor file, not a checkpoint
+    return files
+
+
+@pytest.mark.parametrize("name", ["text", "truncated", "pickle", "plain"])
+def test_a_tampered_or_foreign_ckpt_path_is_refused_before_any_work(tmp_path, make_cfg, name):
+    path = bad_files(tmp_path)[name]
+    with pytest.raises(CheckpointError, match=f"Cannot use checkpoint {path}: .*ckpt_path="):
+        train(make_cfg(f"ckpt_path={path}"))
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_the_cli_refuses_a_tampered_ckpt_path_and_a_damaged_last_ckpt(tmp_path, data_dir):
+    files = bad_files(tmp_path)
+    run = tmp_path / "runs" / "damaged"  # a run dir whose last.ckpt is damaged
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(files["truncated"].read_bytes())
+    procs = {
+        files["pickle"]: start(tmp_path, data_dir, f"ckpt_path={files['pickle']}"),
+        run / "checkpoints" / "last.ckpt": start(tmp_path, data_dir, f"resume={run}"),
+    }
+    for path, proc in procs.items():
+        code, out = finish(proc)
+        assert code == 2 and "Traceback" not in out, out[-3000:]
+        assert f"Cannot use checkpoint {path}: " in out and "ckpt_path=" in out
+    assert not (tmp_path / "ran").exists()
+
+
+def test_lightnings_own_load_path_reads_weights_only(tmp_path, make_cfg):
+    cfg = make_cfg("trainer.max_epochs=1", "logger=none")
+    trainer = hydra.utils.instantiate(cfg.trainer)  # the configured plugin, SafeCheckpointIO
+    model = hydra.utils.instantiate(cfg.model, _recursive_=False)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=bad_files(tmp_path)["pickle"])
+    assert not (tmp_path / "ran").exists()
+
+
+def test_no_code_loads_a_file_without_weights_only():
+    sources = [p for p in ROOT.glob("mnist_cnn/*.py")] + list(ROOT.glob("notebooks/*.ipynb"))
+    calls = 0
+    for path in sources:
+        text = path.read_text()
+        assert not re.search(r"load\w*\([^)]*weights_only\s*=\s*False", text), path
+        for match in re.finditer(r"torch\.load\(", text):
+            call = text[match.end() : text.find(")", match.end())]
+            assert "weights_only=True" in call, (path, call)
+            calls += 1
+    assert calls >= 1  # checkpoint.load_checkpoint at least
