@@ -1,0 +1,119 @@
+"""``python -m mnist_cnn.tune``: an Optuna study that survives a kill and resumes."""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from conftest import compose_train
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from mnist_cnn.checkpoint import load_checkpoint
+from mnist_cnn.tune import TuneError, tune
+
+TINY = [
+    "debug=fast",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "callbacks.progress_bar.refresh_rate=0",
+    "logger=none",
+]
+
+
+def count(storage: str, *states) -> int:
+    if not os.path.exists(storage.removeprefix("sqlite:///")):
+        return 0
+    try:
+        study = optuna.load_study(study_name="mnist_cnn", storage=storage)
+    except KeyError:  # the file is there, the study not yet
+        return 0
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def test_tune_killed_then_resumed_reaches_n_trials_and_its_best_command_runs(tmp_path, data_dir):
+    args = [*TINY, f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}", "tune.n_trials=3"]
+    args += ["tune.heartbeat_interval=1", "tune.grace_period=2"]  # a killed trial fails fast
+    cmd = [sys.executable, "-m", "mnist_cnn.tune", *args]
+    storage = f"sqlite:///{tmp_path}/tune/mnist_cnn/study.db"
+
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    # kill it in the middle of its second trial, with no chance to clean up (a lost machine)
+    while not (count(storage, TrialState.COMPLETE) and count(storage, TrialState.RUNNING)):
+        assert first.poll() is None and time.monotonic() < deadline, "no second trial started"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(timeout=60) == -signal.SIGKILL
+    assert count(storage, TrialState.RUNNING) == 1
+    assert 1 <= count(storage, TrialState.COMPLETE, TrialState.PRUNED) < 3
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    study = optuna.load_study(study_name="mnist_cnn", storage=storage)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 3  # the study's total, across both runs
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    (killed,) = study.get_trials(states=(TrialState.FAIL,))  # no heartbeat: marked failed
+    retried = RetryHeartbeatStaleTrialCallback.retried_trial_number
+    (retry,) = [t for t in finished if retried(t) is not None]
+    assert retried(retry) == killed.number
+    assert retry.params == killed.params  # and run again with the same values
+
+    best = yaml.safe_load((tmp_path / "tune" / "mnist_cnn" / "best.yaml").read_text())
+    assert best["best_trial"] == study.best_trial.number and best["value"] == study.best_value
+    assert best["command"] in second.stdout + second.stderr
+    assert set(best["params"]) == {
+        "model.optimizer.lr",
+        "data.batch_size",
+        "model.net.dropout",
+        "model.net.hidden",
+    }
+
+    # the printed command trains the best trial again, to the same val/acc_best
+    argv = shlex.split(best["command"])
+    assert argv[:3] == ["python", "-m", "mnist_cnn.train"]
+    env = os.environ | {"PYTHONPATH": os.getcwd()}
+    rerun = subprocess.run(
+        [sys.executable, *argv[1:]], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert state["hyper_parameters"]["optimizer"]["lr"] == best["params"]["model.optimizer.lr"]
+    score = next(
+        s["best_model_score"]
+        for k, s in state["callbacks"].items()
+        if k.startswith("ModelCheckpoint") and s.get("best_model_score") is not None
+    )
+    assert float(score) == pytest.approx(best["value"], abs=1e-6)
+
+
+def tune_cfg(tmp_path, data_dir, *overrides):
+    base = [*TINY, f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}", "tune.n_trials=1"]
+    return compose_train(*base, *overrides, config_name="tune")
+
+
+def test_a_lagging_trial_is_pruned_after_its_first_epoch(tmp_path, data_dir):
+    pruner = ["tune.pruner._target_=optuna.pruners.ThresholdPruner", "+tune.pruner.lower=1.01"]
+    pruner += ["~tune.pruner.n_startup_trials", "tune.pruner.n_warmup_steps=0"]  # prunes all
+    cfg = tune_cfg(tmp_path, data_dir, *pruner)
+    with pytest.raises(TuneError, match="no complete trial"):
+        tune(cfg)
+    study = optuna.load_study(study_name="mnist_cnn", storage=cfg.tune.storage)
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [0]  # val/acc of epoch 1 only, of 2
+
+
+def test_a_search_space_key_that_does_not_exist_is_named(tmp_path, data_dir):
+    cfg = tune_cfg(tmp_path, data_dir, "search_space.lr.key=model.optimizer.lrr")
+    with pytest.raises(TuneError, match="model.optimizer.lrr, which is not a key"):
+        tune(cfg)
