@@ -1,0 +1,103 @@
+"""resume=true: the newest run, its overrides, its dir; exact on CPU at an epoch boundary."""
+
+import os
+import re
+
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_faults import finish, start
+
+from mnist_cnn.checkpoint import find_run
+from mnist_cnn.module import MNISTClassifier
+from mnist_cnn.validate import preflight
+
+EXACT = [
+    "trainer.deterministic=true",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+]
+EXACT += ["trainer.num_sanity_val_steps=2", "seed=3"]  # the sanity check must not shift the RNG
+
+
+def scalars(tb_dir, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_a_run_stopped_after_epoch_1_and_resumed_equals_an_uninterrupted_run(tmp_path, data_dir):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    uninterrupted = start(
+        whole.parent, data_dir, f"paths.log_dir={whole}", *EXACT, "trainer.max_epochs=3"
+    )
+    stopped = start(part.parent, data_dir, f"paths.log_dir={part}", *EXACT, "trainer.max_epochs=1")
+    assert finish(stopped)[0] == 0
+    (run,) = (part / "runs").iterdir()
+    code, resumed_out = finish(
+        start(part.parent, data_dir, f"resume={run}", "trainer.max_epochs=3")
+    )
+    assert code == 0, resumed_out[-3000:]
+    code, whole_out = finish(uninterrupted)
+    assert code == 0, whole_out[-3000:]
+    assert [p.name for p in (part / "runs").iterdir()] == [run.name]  # continued in place
+    (whole_run,) = (whole / "runs").iterdir()
+
+    a = torch.load(whole_run / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert a["global_step"] == 12
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, weights in a["state_dict"].items():  # weight by weight, bit for bit
+        assert torch.equal(weights, b["state_dict"][name]), name
+    for sa, sb in zip(
+        a["optimizer_states"][0]["state"].values(),
+        b["optimizer_states"][0]["state"].values(),
+        strict=True,
+    ):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    def metrics(state):
+        return [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in state["callbacks"]["EpochSummary"]["history"]
+        ]
+
+    assert metrics(a) == metrics(b) and len(metrics(a)) == 3
+    test_line = re.compile(r"test accuracy [\d.]+, test loss [\d.]+")
+    assert test_line.findall(whole_out) == test_line.findall(resumed_out) != []
+    for tag in ("val/acc", "val/loss", "train/loss"):  # one TensorBoard run, the same curves
+        assert scalars(whole_run / "tensorboard", tag) == scalars(run / "tensorboard", tag), tag
+
+
+def test_resume_true_picks_the_run_whose_last_ckpt_is_newest(tmp_path):
+    for name, mtime in [("2026-01-02_run", 100), ("2026-01-01_run", 200), ("2026-01-03_run", 50)]:
+        last = tmp_path / "runs" / name / "checkpoints" / "last.ckpt"
+        last.parent.mkdir(parents=True)
+        last.write_bytes(b"x")
+        os.utime(last, (mtime, mtime))
+    (tmp_path / "runs" / "2026-01-04_no_checkpoint").mkdir()
+    assert find_run(tmp_path).name == "2026-01-01_run"
+    assert find_run(tmp_path, tmp_path / "runs" / "2026-01-03_run").name == "2026-01-03_run"
+
+
+def test_resume_reruns_with_the_old_overrides_and_the_new_ones_win(tmp_path):
+    run = tmp_path / "runs" / "old"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    model = MNISTClassifier()
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)},
+        run / "checkpoints" / "last.ckpt",
+    )
+    old = ["data.batch_size=32", "trainer.max_epochs=2", "model.net.dropout=0.3", "resume=false"]
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(old))
+    args = preflight([f"paths.log_dir={tmp_path}", "resume=true", "trainer.max_epochs=5"])
+    assert args == [
+        "data.batch_size=32",
+        "model.net.dropout=0.3",
+        f"paths.log_dir={tmp_path}",
+        "resume=true",
+        "trainer.max_epochs=5",
+        f"hydra.run.dir='{run.resolve()}'",
+    ]
