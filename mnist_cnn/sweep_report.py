@@ -14,6 +14,7 @@ scalar it logged (TensorBoard events, else the CSV logger's ``metrics.csv``).
 import argparse
 import csv
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -64,7 +65,28 @@ def job_metrics(job: Path) -> dict[str, float]:
                 for row in csv.DictReader(f):
                     metrics |= {k: float(v) for k, v in row.items() if v not in ("", None)}
                     epochs += row.get(PLOTTED) not in ("", None)
+    if not metrics and (job / "checkpoints" / "last.ckpt").is_file():
+        return checkpoint_metrics(job / "checkpoints" / "last.ckpt")
     return metrics | {"epochs": epochs} if metrics else {}
+
+
+def checkpoint_metrics(path: Path) -> dict[str, float]:
+    """Without a logger: the last epoch of the ``EpochSummary`` history kept in ``last.ckpt``
+    and ``val/acc_best`` from its ``ModelCheckpoint`` on ``val/acc``."""
+    from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        callbacks = load_checkpoint(path).get("callbacks", {})
+    except CheckpointError:
+        return {}
+    metrics = {}
+    for name, state in callbacks.items():
+        if name.startswith("EpochSummary") and state.get("history"):
+            metrics |= {k: v for k, v in state["history"][-1].items() if "/" in k}
+            metrics["epochs"] = len(state["history"])
+        if "'monitor': 'val/acc'" in name and state.get("best_model_score") is not None:
+            metrics["val/acc_best"] = float(state["best_model_score"])
+    return metrics
 
 
 def read_jobs(sweep_dir: Path) -> list[dict]:
@@ -191,6 +213,39 @@ class SweepReport(Callback):
             log.info("sweep report: %s", sweep_dir / "sweep_report.md")
         except Exception as e:  # a report problem must not turn a finished sweep into a failure
             log.warning("no sweep report for %s: %s", sweep_dir, e)
+
+
+class DDPInSweep(Callback):
+    """Hydra callback for ``trainer=ddp`` in a ``-m`` sweep. Lightning's DDP launcher re-runs
+    the command line for ranks 1..N-1: at each job's start this points that command at the job
+    alone (its overrides, its dir; not the whole sweep again), and at its end closes the
+    process group and restores the environment, so the next job starts its own ranks."""
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import read_write
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return
+        self._saved = sys.argv, dict(os.environ)
+        with read_write(hydra_cfg.run):
+            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # what Lightning passes to ranks
+        hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode")]
+        sys.argv = [sys.argv[0], *hydra_overrides, *hydra_cfg.overrides.task]
+
+    def on_job_end(self, config: DictConfig, **kwargs) -> None:
+        if not hasattr(self, "_saved"):
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.argv, env = self._saved
+        os.environ.clear()
+        os.environ.update(env)  # MASTER_PORT, LOCAL_RANK, WORLD_SIZE of this job gone
+        del self._saved
 
 
 def main(argv: list[str] | None = None) -> int:
