@@ -1,0 +1,64 @@
+"""notebooks/checkpoint.ipynb runs headless (nbclient) against a checkpoint made here."""
+
+import nbformat
+import pytest
+from conftest import compose_train
+from nbclient import NotebookClient
+
+from mnist_cnn import ROOT
+from mnist_cnn.train import train
+
+NOTEBOOK = ROOT / "notebooks" / "checkpoint.ipynb"
+
+
+@pytest.fixture
+def python3_kernel(tmp_path, monkeypatch):
+    """A ``python3`` kernel that runs this interpreter (the venv), ahead of any user kernels."""
+    from ipykernel.kernelspec import install
+
+    install(kernel_name="python3", prefix=str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter" / "share" / "jupyter"))
+    return "python3"
+
+
+def test_the_notebook_is_committed_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_the_notebook_runs_against_a_fresh_checkpoint(
+    python3_kernel, tmp_path, data_dir, monkeypatch
+):
+    out = tmp_path / "run"
+    train(
+        compose_train(
+            "debug=fast",
+            "trainer.accelerator=cpu",
+            "trainer.max_epochs=2",
+            f"paths.output_dir={out}",
+            f"paths.log_dir={out}",
+            f"data.data_dir={data_dir}",
+            "callbacks.progress_bar.refresh_rate=0",
+            "test=false",
+        )
+    )
+    (best,) = (out / "checkpoints").glob("epoch*.ckpt")
+    monkeypatch.setenv("MNIST_CKPT", str(best))
+    monkeypatch.setenv("MNIST_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("MNIST_TEST_BATCHES", "2")
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        nb,
+        kernel_name=python3_kernel,
+        timeout=600,
+        resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working dir
+    )
+    client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert str(best) in text and "test accuracy" in text
+    assert "'epoch': 1" in text and "'epoch': 2" in text  # the two epochs of the history
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 3  # the 12-digit grid, the learning curves, the prepared images
