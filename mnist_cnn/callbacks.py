@@ -11,6 +11,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -52,6 +53,24 @@ class EpochSummary(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` writing only ``last.ckpt``, every ``every_n_train_steps``
+    steps, so a ``kill -9`` loses at most that many. Unlike the base class it does not also save
+    when training ends (it would replace the main callback's epoch-end ``last.ckpt``)."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 200):
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=0,
+            save_last=True,
+            enable_version_counter=False,
+        )
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Nothing: the main checkpoint callback has saved ``last.ckpt`` at the epoch's end."""
 
 
 class RNGState(L.Callback):
