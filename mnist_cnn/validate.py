@@ -173,5 +173,7 @@ def preflight(overrides: list[str], multirun: bool = False, config_name: str = "
     old = yaml.safe_load(old_file.read_text()) if old_file.is_file() else []
     old_parsed = OverridesParser.create().parse_overrides(old or [])
     kept = [o.input_line for o in old_parsed if o.key_or_group not in given]
+    if any(o.key_or_group == "hydra.run.dir" for o in parsed):  # e.g. a DDP rank's own copy
+        return [*kept, *overrides]
     quoted = str(run).replace("\\", "\\\\").replace("'", "\\'")
     return [*kept, *overrides, f"hydra.run.dir='{quoted}'"]
