@@ -5,11 +5,14 @@
 torch.Size([2, 10])
 """
 
+import math
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -27,6 +30,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def random_affine(x: torch.Tensor, degrees=0.0, translate=0.0, scale=0.0) -> torch.Tensor:
+    """Rotate by up to ``degrees``, shift by up to ``translate`` of the size and zoom by up to
+    ``scale``, drawn per image for a whole batch in one call (torchvision's RandomAffine draws
+    one set per call).
+
+    >>> random_affine(torch.rand(8, 1, 28, 28), degrees=10, translate=0.1).shape
+    torch.Size([8, 1, 28, 28])
+    """
+    n = len(x)
+    u = torch.rand(n, 4, device=x.device) * 2 - 1  # uniform in [-1, 1]
+    angle, zoom = u[:, 0] * math.radians(degrees), 1 + u[:, 1] * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    shift = u[:, 2:] * 2 * translate  # grid coordinates span [-1, 1]
+    theta = torch.stack([cos, -sin, shift[:, 0], sin, cos, shift[:, 1]], 1).view(n, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's EMA of the weights, used for validation, checkpoints and test.
+
+    Lightning's callback restores the raw (non-averaged) weights whenever it loads a checkpoint,
+    so ``trainer.test(ckpt_path="best")`` would test those; here only resuming ``fit`` does, and
+    testing uses the averaged weights the checkpoint's ``state_dict`` holds.
+    """
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
 class MNISTClassifier(L.LightningModule):
     """``net`` holds ``build_cnn`` keyword arguments; ``optimizer`` and ``scheduler`` are Hydra
     configs with ``_partial_: true``, instantiated in ``configure_optimizers``."""
@@ -37,6 +71,8 @@ class MNISTClassifier(L.LightningModule):
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         channels_last: bool = False,
+        augment: dict | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -45,11 +81,15 @@ class MNISTClassifier(L.LightningModule):
                 "optimizer": _plain(optimizer) or dict(ADAM),
                 "scheduler": _plain(scheduler),
                 "channels_last": channels_last,
+                "augment": _plain(augment),
+                "compile": compile,
             }
         )
         self.net = build_cnn(**self.hparams.net)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:  # the state_dict keeps its names: compile wraps, self.net stays the module
+            self.net.compile()
         self.criterion = nn.CrossEntropyLoss()
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_classes=10, average="micro") for _ in range(3)
@@ -75,6 +115,8 @@ class MNISTClassifier(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.hparams.augment:
+            batch = (random_affine(batch[0], **self.hparams.augment), batch[1])
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx: int) -> None:

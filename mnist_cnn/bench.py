@@ -1,0 +1,457 @@
+"""Training and evaluation speed: the notebook's loop vs the template, on this machine.
+
+(a) ``notebook``: the notebook's plain loop (torchvision MNIST, ``ToTensor``, DataLoader of
+    batch 64, Adam, CrossEntropy) on ``build_cnn()``;
+(b) ``lightning``: the template's default training, ``mnist_cnn.train.train`` on the real
+    ``conf/`` tree (overrides apply);
+(c) ``plain``: a plain loop over the same config's datamodule, calling the same module's
+    ``training_step``, so (b) - (c) is Lightning's overhead.
+
+Each runs in its own process (its peak memory is its own), ``--repeats`` times with
+``--warmup`` untimed batches first; the median is reported. Writes bench.json and bench.md.
+
+python -m mnist_cnn.bench                                   # about 5 minutes on 2 CPU cores
+python -m mnist_cnn.bench --batches 5 --repeats 1 --out /tmp/bench   # a smoke run
+python -m mnist_cnn.bench trainer.precision=bf16-mixed      # overrides for (b) and (c)
+"""
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from mnist_cnn import ROOT
+from mnist_cnn.model import build_cnn
+
+VARIANTS = ("notebook", "lightning", "plain")
+GPU_FP32_TFLOPS = {"H200": 67.0, "H100": 67.0, "A100": 19.5, "L4": 30.3, "T4": 8.1}  # datasheets
+
+
+def flop_per_sample(train: bool) -> float:
+    """FLOPs of one image through ``build_cnn()`` (forward, or forward + backward), counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net, x = build_cnn(), torch.zeros(1, 1, 28, 28)
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            nn.functional.cross_entropy(net(x), torch.zeros(1, dtype=torch.long)).backward()
+        else:
+            with torch.no_grad():
+                net(x)
+    return float(counter.get_total_flops())
+
+
+def _cpu_flop_per_cycle(flags: set[str], vendor: str) -> int:
+    """FP32 FLOPs per cycle and core: FMA units x lanes x 2."""
+    if "avx512f" in flags:
+        return 64 if "Intel" in vendor else 32  # AMD Zen 4 runs AVX-512 on two 256-bit FMA units
+    if "avx2" in flags and "fma" in flags:
+        return 32
+    return 8
+
+
+def peak_gflops(device: torch.device) -> tuple[float, str]:
+    """An FP32 peak estimate for ``device`` and how it was made."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_FP32_TFLOPS.items():
+            if key in name:
+                return tflops * 1000, f"{name}: {tflops} TFLOP/s FP32 (datasheet)"
+        return math.nan, f"{name}: unknown, pass --peak-gflops"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if not fields.get("cpu MHz"):
+        return math.nan, "unknown CPU, pass --peak-gflops"
+    mhz, cores = float(fields["cpu MHz"]), os.cpu_count() or 1
+    per_cycle = _cpu_flop_per_cycle(
+        set(fields.get("flags", "").split()), fields.get("vendor_id", "")
+    )
+    peak = cores * mhz / 1000 * per_cycle
+    return peak, f"{cores} cores x {mhz / 1000:.2f} GHz x {per_cycle} FP32 FLOP/cycle"
+
+
+class Timer(L.Callback):
+    """Logs ``bench/train_samples_per_s`` (the batches after ``warmup``) and
+    ``bench/eval_samples_per_s`` (validation batches after the first): ``train(cfg)`` returns them.
+    """
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.train, self.eval = [0.0, 0.0, 0], [0.0, 0.0, 0]  # start, end, samples
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.train[0] = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.train[1:] = [time.perf_counter(), self.train[2] + len(batch[1])]
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == min(1, trainer.num_val_batches[0] - 1):
+            self.eval[0] = time.perf_counter()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):
+        if batch_idx >= min(1, trainer.num_val_batches[0] - 1):
+            self.eval[1:] = [time.perf_counter(), self.eval[2] + len(batch[1])]
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, (start, end, n) in (("train", self.train), ("eval", self.eval)):
+            pl_module.log(f"bench/{name}_samples_per_s", n / (end - start), batch_size=1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(batches, step, warmup: int, device: torch.device) -> float:
+    """Samples/s of ``step(batch)`` over ``batches`` after ``warmup`` of them."""
+    start, n = time.perf_counter(), 0
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            start, n = time.perf_counter(), 0
+        step(batch)
+        n += len(batch[1])
+    _sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def _take(loader, n: int | None):
+    for i, batch in enumerate(loader):
+        if n is not None and i >= n:
+            return
+        yield batch
+
+
+def run_notebook(args, data_dir: str) -> dict:
+    """(a) The notebook's loop, as written there (per-image ToTensor, loss.item() per batch)."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import MNIST
+    from torchvision.transforms import ToTensor
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(1)
+    mnist = MNIST(data_dir, train=True, transform=ToTensor())
+    valid_dl = DataLoader(Subset(mnist, torch.arange(10000)), 64, shuffle=False)
+    train_dl = DataLoader(Subset(mnist, torch.arange(10000, len(mnist))), 64, shuffle=True)
+    model = build_cnn().to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    totals = {"loss": 0.0, "correct": 0.0}
+
+    def train_step(batch):
+        x_batch, y_batch = (t.to(device) for t in batch)
+        pred = model(x_batch)
+        loss = loss_fn(pred, y_batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        totals["loss"] += loss.item() * y_batch.size(0)
+        totals["correct"] += (torch.argmax(pred, dim=1) == y_batch).float().sum().item()
+
+    def eval_step(batch):
+        x_batch, y_batch = (t.to(device) for t in batch)
+        pred = model(x_batch)
+        totals["loss"] += loss_fn(pred, y_batch).item() * y_batch.size(0)
+
+    train, evals = [], []
+    for _ in range(args.repeats):
+        model.train()
+        batches = _take(train_dl, args.warmup + args.batches)
+        train.append(_timed(batches, train_step, args.warmup, device))
+        model.eval()
+        with torch.no_grad():
+            evals.append(_timed(_take(valid_dl, args.eval_batches), eval_step, 1, device))
+    return {"train": train, "eval": evals, "batch_size": 64, "eval_batch_size": 64}
+
+
+def _compose(args, out: str, *extra: str):
+    from hydra import compose, initialize_config_dir
+
+    from mnist_cnn import CONFIG_DIR
+
+    overrides = [f"paths.output_dir={out}", f"paths.log_dir={out}", *args.overrides, *extra]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def run_lightning(args, out: str) -> dict:
+    """(b) ``mnist_cnn.train.train`` on the real config, one epoch of warmup + batches."""
+    from mnist_cnn.train import train
+
+    train_sps, eval_sps = [], []
+    cfg = None
+    for i in range(args.repeats):
+        cfg = _compose(
+            args,
+            f"{out}/lightning{i}",
+            "trainer.max_epochs=1",
+            f"trainer.limit_train_batches={args.warmup + args.batches}",
+            f"trainer.limit_val_batches={args.eval_batches or 1.0}",
+            "trainer.num_sanity_val_steps=0",
+            "test=false",
+            f"+callbacks.bench_timer={{_target_: mnist_cnn.bench.Timer, warmup: {args.warmup}}}",
+        )
+        metrics = train(cfg)
+        train_sps.append(metrics["bench/train_samples_per_s"])
+        eval_sps.append(metrics["bench/eval_samples_per_s"])
+    return {
+        "train": train_sps,
+        "eval": eval_sps,
+        "batch_size": cfg.data.batch_size,
+        "eval_batch_size": cfg.data.eval_batch_size,
+    }
+
+
+def run_plain(args, out: str) -> dict:
+    """(c) The same datamodule and module as (b), driven by a for loop instead of a Trainer."""
+    import hydra
+
+    cfg = _compose(args, f"{out}/plain")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.trainer.accelerator == "cpu":
+        device = torch.device("cpu")
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    module = hydra.utils.instantiate(cfg.model, _recursive_=False).to(device)
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    bf16 = str(cfg.trainer.precision).startswith("bf16")
+
+    def batches(loader, n):
+        for batch in _take(loader, n):
+            yield dm.on_after_batch_transfer([t.to(device) for t in batch], 0)
+
+    def train_step(batch):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss = module.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def eval_step(batch):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            module.validation_step(batch, 0)
+
+    train, evals = [], []
+    for _ in range(args.repeats):
+        module.train()
+        loader = batches(dm.train_dataloader(), args.warmup + args.batches)
+        train.append(_timed(loader, train_step, args.warmup, device))
+        module.eval()
+        with torch.no_grad():
+            evals.append(
+                _timed(batches(dm.val_dataloader(), args.eval_batches), eval_step, 1, device)
+            )
+    return {
+        "train": train,
+        "eval": evals,
+        "batch_size": cfg.data.batch_size,
+        "eval_batch_size": cfg.data.eval_batch_size,
+    }
+
+
+def _child(variant: str, args, data_dir: str, out: str, queue) -> None:
+    """Runs one variant in a fresh process and reports its numbers and peak memory."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        if variant == "notebook":
+            result = run_notebook(args, data_dir)
+        else:
+            result = (run_lightning if variant == "lightning" else run_plain)(args, out)
+    except Exception as e:  # reported by the parent with the variant's name
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+        return
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    result["threads"] = torch.get_num_threads()
+    queue.put(result)
+
+
+def run_variant(variant: str, args, data_dir: str, out: str) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(variant, args, data_dir, out, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"bench variant {variant!r} failed: {result['error']}")
+    return result
+
+
+def summarize(results: dict, args, peak: float, peak_how: str) -> dict:
+    """The report: medians per variant, ratio (b)/(a), overhead of (b) over (c), GFLOP/s."""
+    train_flop, eval_flop = flop_per_sample(True), flop_per_sample(False)
+    variants = {}
+    for name, r in results.items():
+        sps, eval_sps = statistics.median(r["train"]), statistics.median(r["eval"])
+        gflops = sps * train_flop / 1e9
+        variants[name] = {
+            "train_samples_per_s": sps,
+            "train_samples_per_s_repeats": r["train"],
+            "eval_samples_per_s": eval_sps,
+            "eval_samples_per_s_repeats": r["eval"],
+            "batch_size": r["batch_size"],
+            "eval_batch_size": r["eval_batch_size"],
+            "peak_rss_mib": r["peak_rss_mib"],
+            "peak_cuda_mib": r.get("peak_cuda_mib"),
+            "threads": r["threads"],
+            "train_gflops": gflops,
+            "train_peak_fraction": gflops / peak,
+        }
+    a, b, c = (variants[v]["train_samples_per_s"] for v in VARIANTS)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "batches": args.batches,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "eval_batches": args.eval_batches,
+            "threads": args.threads,
+            "overrides": args.overrides,
+        },
+        "flop_per_train_sample": train_flop,
+        "flop_per_eval_sample": eval_flop,
+        "peak_gflops": peak,
+        "peak_estimate": peak_how,
+        "ratio_b_over_a": b / a,
+        "overhead_b_over_c_pct": (c / b - 1) * 100,
+        "variants": variants,
+    }
+
+
+def _cpu_name() -> str:
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def markdown(report: dict) -> str:
+    """The report as a markdown table."""
+    labels = {
+        "notebook": "(a) notebook loop",
+        "lightning": "(b) template, Lightning",
+        "plain": "(c) template data, plain loop",
+    }
+    rows = [
+        "| | batch | train samples/s | eval samples/s | GFLOP/s | of FP32 peak | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in report["variants"].items():
+        memory = v["peak_cuda_mib"] if v["peak_cuda_mib"] is not None else v["peak_rss_mib"]
+        rows.append(
+            f"| {labels[name]} | {v['batch_size']} | {v['train_samples_per_s']:,.0f} "
+            f"| {v['eval_samples_per_s']:,.0f} | {v['train_gflops']:.1f} "
+            f"| {v['train_peak_fraction']:.0%} | {memory:,.0f} MiB |"
+        )
+    m, s = report["machine"], report["settings"]
+    threads = report["variants"]["lightning"]["threads"]
+    return "\n".join(
+        [
+            *rows,
+            "",
+            f"(b)/(a) = **{report['ratio_b_over_a']:.2f}x**; Lightning's overhead, (b) over (c): "
+            f"**{report['overhead_b_over_c_pct']:.1f}%**.",
+            f"{m['device']} ({m['cpu']}, {m['cpu_count']} cores, torch threads {threads}), "
+            f"torch {m['torch']}, "
+            f"lightning {m['lightning']}; median of {s['repeats']} repeats of {s['batches']} "
+            f"batches after {s['warmup']} warm-up batches; "
+            f"{report['flop_per_train_sample'] / 1e6:.1f} MFLOP per training sample; "
+            f"FP32 peak {report['peak_gflops']:.0f} GFLOP/s ({report['peak_estimate']}); "
+            f"overrides: {' '.join(s['overrides']) or 'none'}.",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides for (b) and (c)")
+    parser.add_argument("--batches", type=int, default=300, help="timed training batches")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed batches before timing")
+    parser.add_argument("--repeats", type=int, default=3, help="the median is reported")
+    parser.add_argument("--eval-batches", type=int, default=None, help="default: all of val")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--peak-gflops", type=float, default=None, help="override the estimate")
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", str(ROOT / "data")))
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"), help="output folder")
+    args = parser.parse_args(argv)
+    if args.batches < 1 or args.warmup < 0 or args.repeats < 1 or (args.eval_batches or 2) < 1:
+        parser.error("--batches, --repeats and --eval-batches must be >= 1, --warmup >= 0")
+
+    from mnist_cnn.data import DataError, prepare_mnist
+
+    try:
+        prepare_mnist(args.data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.overrides = [*args.overrides, f"data.data_dir={args.data_dir}"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peak, peak_how = peak_gflops(device)
+    if args.peak_gflops:
+        peak, peak_how = args.peak_gflops, "given with --peak-gflops"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as runs:
+        for variant in VARIANTS:
+            print(f"bench: {variant} ...", file=sys.stderr, flush=True)
+            try:
+                results[variant] = run_variant(variant, args, args.data_dir, runs)
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+    report = summarize(results, args, peak, peak_how)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / "bench.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""python -m mnist_cnn.bench in its reduced mode, as a real subprocess."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from mnist_cnn.bench import VARIANTS, _cpu_flop_per_cycle, flop_per_sample
+
+VARIANT_FIELDS = {
+    "train_samples_per_s",
+    "train_samples_per_s_repeats",
+    "eval_samples_per_s",
+    "eval_samples_per_s_repeats",
+    "batch_size",
+    "eval_batch_size",
+    "peak_rss_mib",
+    "peak_cuda_mib",
+    "threads",
+    "train_gflops",
+    "train_peak_fraction",
+}
+REPORT_FIELDS = {
+    "date",
+    "machine",
+    "settings",
+    "flop_per_train_sample",
+    "flop_per_eval_sample",
+    "peak_gflops",
+    "peak_estimate",
+    "ratio_b_over_a",
+    "overhead_b_over_c_pct",
+    "variants",
+}
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mnist_cnn.bench", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_reduced_bench_writes_json_with_every_field_and_a_table(data_dir, tmp_path):
+    done = bench(
+        *("--batches", "2", "--warmup", "1", "--repeats", "2", "--eval-batches", "2"),
+        *("--threads", "1", "--data-dir", str(data_dir), "--out", str(tmp_path)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report.keys() == REPORT_FIELDS and report["variants"].keys() == set(VARIANTS)
+    for name, v in report["variants"].items():
+        assert v.keys() == VARIANT_FIELDS, name
+        assert len(v["train_samples_per_s_repeats"]) == len(v["eval_samples_per_s_repeats"]) == 2
+        assert v["train_samples_per_s"] > 0 and v["eval_samples_per_s"] > 0
+        assert v["peak_rss_mib"] > 100 and v["threads"] == 1
+        assert v["train_gflops"] == pytest.approx(
+            v["train_samples_per_s"] * report["flop_per_train_sample"] / 1e9
+        )
+    assert report["variants"]["notebook"]["batch_size"] == 64
+    a, b, c = (report["variants"][n]["train_samples_per_s"] for n in VARIANTS)
+    assert report["ratio_b_over_a"] == pytest.approx(b / a)
+    assert report["overhead_b_over_c_pct"] == pytest.approx((c / b - 1) * 100)
+    assert math.isfinite(report["peak_gflops"]) and report["peak_gflops"] > 0
+    table = (tmp_path / "bench.md").read_text()
+    for label in ("(a) notebook loop", "(b) template, Lightning", "(c) template data, plain loop"):
+        assert label in table
+    assert table in done.stdout
+
+
+def test_bench_overrides_reach_the_template_runs(data_dir, tmp_path):
+    done = bench(
+        *("--batches", "1", "--warmup", "0", "--repeats", "1", "--eval-batches", "1"),
+        *("--threads", "1", "--data-dir", str(data_dir), "--out", str(tmp_path)),
+        "data.batch_size=32",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = json.loads((tmp_path / "bench.json").read_text())["variants"]
+    assert variants["lightning"]["batch_size"] == variants["plain"]["batch_size"] == 32
+    assert variants["notebook"]["batch_size"] == 64
+
+
+def test_bad_arguments_and_missing_data_exit_2_with_a_clear_message(tmp_path):
+    done = bench("--batches", "0", "--out", str(tmp_path))
+    assert done.returncode == 2 and "--batches" in done.stderr
+    done = bench("--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path))
+    assert done.returncode == 2 and "MNIST_DATA_DIR" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "bench.json").exists()
+
+
+def test_flops_per_sample_match_the_layer_arithmetic():
+    macs = 28 * 28 * 32 * 25 + 14 * 14 * 64 * 32 * 25 + 3136 * 1024 + 1024 * 10
+    assert flop_per_sample(train=False) == 2 * macs
+    assert 2.9 < flop_per_sample(train=True) / flop_per_sample(train=False) < 3.0  # no conv1 dgrad
+
+
+def test_cpu_peak_uses_the_vector_units():
+    assert _cpu_flop_per_cycle({"avx512f", "avx2", "fma"}, "AuthenticAMD") == 32
+    assert _cpu_flop_per_cycle({"avx512f", "avx2", "fma"}, "GenuineIntel") == 64
+    assert _cpu_flop_per_cycle({"avx2", "fma"}, "GenuineIntel") == 32
+    assert _cpu_flop_per_cycle(set(), "") == 8
