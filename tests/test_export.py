@@ -1,0 +1,107 @@
+"""model.pt (weights without Lightning) from a real run, and python -m mnist_cnn.export to ONNX."""
+
+import subprocess
+import sys
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import compose_train
+from torchvision.datasets import MNIST
+
+from mnist_cnn.checkpoint import load_model
+from mnist_cnn.model import build_cnn
+from mnist_cnn.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir):
+    """A tiny run with a non-default network (batch norm, a narrower fc1)."""
+    out = tmp_path_factory.mktemp("run")
+    train(
+        compose_train(
+            "debug=fast",
+            "trainer.accelerator=cpu",
+            f"paths.output_dir={out}",
+            f"paths.log_dir={out}",
+            f"data.data_dir={data_dir}",
+            "callbacks.progress_bar.refresh_rate=0",
+            "model.net.hidden=256",
+            "model.net.batch_norm=true",
+            "test=false",
+        )
+    )
+    (best,) = (out / "checkpoints").glob("epoch*.ckpt")
+    return out, best
+
+
+@pytest.fixture(scope="module")
+def images(data_dir):
+    return MNIST(str(data_dir), train=False).data[:64].unsqueeze(1).float() / 255
+
+
+def export(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_cnn.export", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_each_run_writes_model_pt_that_loads_without_lightning(run, images):
+    out, best = run
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert set(weights) == {"state_dict", "net"}
+    assert weights["net"]["hidden"] == 256 and weights["net"]["batch_norm"] is True
+    net = build_cnn(**weights["net"])
+    net.load_state_dict(weights["state_dict"])  # strict: every key, no extra
+    net.eval()
+    lightning_net = load_model(best).net  # the best checkpoint's network
+    for name, tensor in lightning_net.state_dict().items():
+        assert torch.equal(weights["state_dict"][name], tensor), name
+    with torch.no_grad():
+        assert torch.allclose(net(images), lightning_net(images), atol=1e-6)
+
+
+def test_export_onnx_matches_pytorch_in_onnxruntime_with_any_batch_size(run, images, tmp_path):
+    _, best = run
+    target = tmp_path / "mnist.onnx"
+    proc = export(f"ckpt_path={best}", "format=onnx", f"output={target}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = onnx.load(str(target))
+    onnx.checker.check_model(model)
+    (batch_dim, *_) = model.graph.input[0].type.tensor_type.shape.dim
+    assert batch_dim.dim_param and not batch_dim.dim_value  # a symbolic (dynamic) batch
+
+    net = load_model(best).net
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    for n in (1, 5, 64):
+        x = images[:n]
+        (got,) = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            expected = net(x)
+        assert got.shape == (n, 10)
+        assert abs(torch.from_numpy(got) - expected).max() < 1e-4
+        assert torch.equal(torch.from_numpy(got).argmax(-1), expected.argmax(-1))
+
+
+def test_export_pt_equals_the_runs_model_pt_and_bad_requests_exit_2(run, tmp_path):
+    out, best = run
+    target = tmp_path / "weights.pt"
+    proc = export(f"ckpt_path={best}", "format=pt", f"output={target}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    mine, runs = (torch.load(p, weights_only=True) for p in (target, out / "model.pt"))
+    assert mine["net"] == runs["net"] and mine["state_dict"].keys() == runs["state_dict"].keys()
+    assert all(torch.equal(mine["state_dict"][k], v) for k, v in runs["state_dict"].items())
+
+    for args, words in (
+        ([f"ckpt_path={best}", "format=tflite"], "format=tflite"),
+        (["format=onnx"], "ckpt_path is required"),
+        ([f"ckpt_path={tmp_path}/missing.ckpt"], "missing.ckpt: no such file"),
+    ):
+        proc = export(*args, cwd=tmp_path)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and words in output and "Traceback" not in output, output
