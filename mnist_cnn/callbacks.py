@@ -103,7 +103,7 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, checkpoint: str | None, step: int | None = None):
         self.signum, self.checkpoint = signum, checkpoint
-        saved = f"saved {checkpoint}" if checkpoint else "no checkpoint callback, nothing saved"
+        saved = f"saved {checkpoint}" if checkpoint else "nothing saved"
         at = f" at step {step}" if step is not None else ""
         super().__init__(f"Stopped by {signal.Signals(signum).name}{at} ({saved}).")
 
@@ -147,6 +147,10 @@ class GracefulStop(L.Callback):
         if self.signum is not None:
             self.checkpoint = self._save(trainer)
             raise Interrupted(self.signum, self.checkpoint, trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.signum is not None and self.checkpoint is None:  # came after the last batch
+            self.checkpoint = self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # Lightning raises SIGTERMException between batches (validation, epoch end): save there too

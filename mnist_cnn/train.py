@@ -54,11 +54,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning's own stop between batches; GracefulStop saved
-        stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
         raise Interrupted(signal.SIGTERM, stop.checkpoint if stop else None) from None
+    if stop is not None and stop.signum is not None:  # Ctrl-C after the last batch: no test
+        raise Interrupted(stop.signum, stop.checkpoint)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         checkpoint = trainer.checkpoint_callback
@@ -79,13 +81,15 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", e)
         sys.exit(2)
     except Interrupted as e:
-        run = Path(cfg.paths.output_dir)
-        log.warning(
-            "%s Resume with: python -m mnist_cnn.train resume=%s (or resume=true for the newest "
-            "run), adding trainer.max_epochs=N to change the length.",
-            e,
-            run,
-        )
+        if e.checkpoint:
+            log.warning(
+                "%s Resume with: python -m mnist_cnn.train resume=%s (or resume=true for the "
+                "newest run), adding trainer.max_epochs=N to change the length.",
+                e,
+                cfg.paths.output_dir,
+            )
+        else:
+            log.warning("%s Training had not started: run the same command again.", e)
         sys.exit(128 + e.signum)
     return metrics.get(cfg.get("optimized_metric"))
 
