@@ -28,14 +28,18 @@ TINY = [
 ]
 
 
-def count(storage: str, *states) -> int:
+def trials(storage: str, *states) -> list:
     if not os.path.exists(storage.removeprefix("sqlite:///")):
-        return 0
+        return []
     try:
         study = optuna.load_study(study_name="mnist_cnn", storage=storage)
     except KeyError:  # the file is there, the study not yet
-        return 0
-    return len(study.get_trials(deepcopy=False, states=states))
+        return []
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def count(storage: str, *states) -> int:
+    return len(trials(storage, *states))
 
 
 def test_tune_killed_then_resumed_reaches_n_trials_and_its_best_command_runs(tmp_path, data_dir):
@@ -46,8 +50,12 @@ def test_tune_killed_then_resumed_reaches_n_trials_and_its_best_command_runs(tmp
 
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    # kill it in the middle of its second trial, with no chance to clean up (a lost machine)
-    while not (count(storage, TrialState.COMPLETE) and count(storage, TrialState.RUNNING)):
+
+    # kill it while its second trial trains, with no chance to clean up (a lost machine)
+    def training() -> bool:  # one trial done, the next one drawn its values
+        return any(t.params for t in trials(storage, TrialState.RUNNING))
+
+    while not (count(storage, TrialState.COMPLETE) and training()):
         assert first.poll() is None and time.monotonic() < deadline, "no second trial started"
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
