@@ -81,6 +81,7 @@ def export_onnx(net: torch.nn.Module, path: str | Path) -> float:
         output_names=["logits"],
         dynamic_shapes=({0: batch},),
         external_data=False,  # one file
+        verbose=False,
     )
     x = torch.rand(7, 1, 28, 28)  # another batch size than the export's: the batch is dynamic
     with torch.no_grad():
