@@ -100,7 +100,6 @@ def test_export_pt_equals_the_runs_model_pt_and_bad_requests_exit_2(run, tmp_pat
     for args, words in (
         ([f"ckpt_path={best}", "format=tflite"], "format=tflite"),
         (["format=onnx"], "ckpt_path is required"),
-        ([f"ckpt_path={tmp_path}/missing.ckpt"], "missing.ckpt: no such file"),
     ):
         proc = export(*args, cwd=tmp_path)
         output = proc.stdout + proc.stderr
