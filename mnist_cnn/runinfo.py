@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 
 from mnist_cnn import ROOT
 
@@ -59,7 +60,8 @@ def info(resumed_from: str | None = None) -> dict:
     }
 
 
-def record(run_dir: str | Path, resumed_from: str | None = None) -> Path:
+@rank_zero_only  # DDP ranks share the run dir; one entry per start
+def record(run_dir: str | Path, resumed_from: str | None = None) -> Path | None:
     """Append this start to ``<run_dir>/run_info.yaml`` (a list, oldest first); return its path."""
     path = Path(run_dir) / "run_info.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
