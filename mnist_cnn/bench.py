@@ -7,8 +7,9 @@
 (c) ``plain``: a plain loop over the same config's datamodule, calling the same module's
     ``training_step``, so (b) - (c) is Lightning's overhead.
 
-Each runs in its own process (its peak memory is its own), ``--repeats`` times with
-``--warmup`` untimed batches first; the median is reported. Writes bench.json and bench.md.
+Each run is a fresh process (its peak memory is its own), with ``--warmup`` untimed
+batches first; ``--repeats`` rounds of (a), (b), (c) in turn; the median is reported.
+Writes bench.json and bench.md.
 
 python -m mnist_cnn.bench                                   # about 5 minutes on 2 CPU cores
 python -m mnist_cnn.bench --batches 5 --repeats 1 --out /tmp/bench   # a smoke run
@@ -436,14 +437,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    one = argparse.Namespace(**{**vars(args), "repeats": 1})
     with tempfile.TemporaryDirectory() as runs:
-        for variant in VARIANTS:
-            print(f"bench: {variant} ...", file=sys.stderr, flush=True)
-            try:
-                results[variant] = run_variant(variant, args, args.data_dir, runs)
-            except RuntimeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
+        for i in range(args.repeats):  # round robin: a change in load hits every variant alike
+            for variant in VARIANTS:
+                print(f"bench: {variant}, repeat {i + 1}", file=sys.stderr, flush=True)
+                try:
+                    r = run_variant(variant, one, args.data_dir, f"{runs}/{i}")
+                except RuntimeError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                if variant in results:
+                    r["train"] = results[variant]["train"] + r["train"]
+                    r["eval"] = results[variant]["eval"] + r["eval"]
+                    for key in ("peak_rss_mib", "peak_cuda_mib"):
+                        if r.get(key) is not None:
+                            r[key] = max(r[key], results[variant][key])
+                results[variant] = r
     report = summarize(results, args, peak, peak_how)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
