@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from mnist_cnn import CONFIG_DIR, ROOT
 from mnist_cnn.data import RAW_FILES
+from mnist_cnn.train import train
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR", ROOT / "data"))
@@ -34,19 +35,29 @@ def compose_train(*overrides: str, config_name: str = "train") -> DictConfig:
         return compose(config_name, overrides=list(overrides))
 
 
+FAST = ["debug=fast", "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
+
+
+def tiny_cfg(out: Path, data_dir: Path, *overrides: str) -> DictConfig:
+    """The real config shrunk to a few CPU batches (``debug=fast``), writing into ``out``."""
+    where = (f"paths.output_dir={out}", f"paths.log_dir={out}", f"data.data_dir={data_dir}")
+    return compose_train(*FAST, *where, *overrides)
+
+
 @pytest.fixture
 def make_cfg(tmp_path, data_dir):
-    """``make_cfg("trainer.max_epochs=2")``: the real config, shrunk to a few CPU batches in tmp."""
+    """``make_cfg("trainer.max_epochs=2")``: ``tiny_cfg`` in this test's ``tmp_path``."""
 
     def make(*overrides: str) -> DictConfig:
-        base = (
-            "debug=fast",
-            "trainer.accelerator=cpu",
-            f"paths.output_dir={tmp_path}",
-            f"paths.log_dir={tmp_path}",
-            f"data.data_dir={data_dir}",
-            "callbacks.progress_bar.refresh_rate=0",
-        )
-        return compose_train(*base, *overrides)
+        return tiny_cfg(tmp_path, data_dir, *overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def full_epoch(tmp_path_factory, data_dir):
+    """One full epoch on the 50,000 images, then the test set (~50 s on 2 cores), made once
+    per session: ``(run dir, metrics)``."""
+    out = tmp_path_factory.mktemp("epoch")
+    limits = [f"trainer.{k}_batches=null" for k in ("limit_train", "limit_val", "limit_test")]
+    return out, train(tiny_cfg(out, data_dir, "trainer.max_epochs=1", *limits))

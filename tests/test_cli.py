@@ -5,8 +5,7 @@ import sys
 
 import torch
 import yaml
-
-FAST = ["debug=fast", "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
+from conftest import FAST
 
 
 def run_train(*args, cwd=None, check=True):

@@ -33,14 +33,6 @@ def tiny_run(tmp_path_factory, data_dir):
     return out
 
 
-@pytest.fixture(scope="session")
-def epoch_run(tmp_path_factory, data_dir):
-    """One full epoch of training (~50 s on 2 CPU cores), made once per test session."""
-    out = tmp_path_factory.mktemp("epoch")
-    train(run_cfg(out, data_dir, "trainer.max_epochs=1", "test=false"))
-    return out
-
-
 def cli(module, *args, cwd):
     return subprocess.run(
         [sys.executable, "-m", f"mnist_cnn.{module}", *args],
@@ -137,7 +129,7 @@ def test_predict_reports_missing_and_unreadable_files_and_classifies_the_rest(
 
 @pytest.mark.slow
 def test_predict_classifies_user_style_mnist_test_digits_with_95_percent(
-    epoch_run, tmp_path, data_dir
+    full_epoch, tmp_path, data_dir
 ):
     test = MNIST(str(data_dir), train=False)
     rng = np.random.default_rng(0)
@@ -152,7 +144,7 @@ def test_predict_classifies_user_style_mnist_test_digits_with_95_percent(
         labels[str(path)] = int(test.targets[i])
     (images / "broken.png").write_bytes(b"this is not a PNG")
 
-    ckpt = epoch_run / "checkpoints" / "last.ckpt"
+    ckpt = full_epoch[0] / "checkpoints" / "last.ckpt"
     proc = cli("predict", f"ckpt_path={ckpt}", f"inputs=[{images}]", cwd=tmp_path)
     assert proc.returncode == 1 and "broken.png" in proc.stderr, proc.stderr[-3000:]
     predicted = {f: int(d) for f, d, _ in (line.split("\t") for line in proc.stdout.splitlines())}

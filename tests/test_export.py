@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import compose_train
+from conftest import tiny_cfg
 from torchvision.datasets import MNIST
 
 from mnist_cnn.checkpoint import load_model
@@ -20,17 +20,7 @@ def run(tmp_path_factory, data_dir):
     """A tiny run with a non-default network (batch norm, a narrower fc1)."""
     out = tmp_path_factory.mktemp("run")
     train(
-        compose_train(
-            "debug=fast",
-            "trainer.accelerator=cpu",
-            f"paths.output_dir={out}",
-            f"paths.log_dir={out}",
-            f"data.data_dir={data_dir}",
-            "callbacks.progress_bar.refresh_rate=0",
-            "model.net.hidden=256",
-            "model.net.batch_norm=true",
-            "test=false",
-        )
+        tiny_cfg(out, data_dir, "model.net.hidden=256", "model.net.batch_norm=true", "test=false")
     )
     (best,) = (out / "checkpoints").glob("epoch*.ckpt")
     return out, best

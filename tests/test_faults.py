@@ -12,13 +12,12 @@ import hydra
 import pytest
 import torch
 import yaml
+from conftest import FAST
 
 from mnist_cnn import ROOT
 from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
 from mnist_cnn.module import MNISTClassifier
 from mnist_cnn.train import train
-
-FAST = ["debug=fast", "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
 
 
 def start(tmp_path: Path, data_dir: Path, *args: str) -> subprocess.Popen:

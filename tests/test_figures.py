@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import tiny_cfg
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
@@ -17,16 +17,7 @@ FIGURES = ("learning_curves", "predictions", "confusion_matrix")
 def run(tmp_path_factory, data_dir):
     """Two tiny epochs and a test, with the default callbacks and the TensorBoard logger."""
     out = tmp_path_factory.mktemp("run")
-    cfg = compose_train(
-        "debug=fast",
-        "trainer.accelerator=cpu",
-        "trainer.max_epochs=2",
-        f"paths.output_dir={out}",
-        f"paths.log_dir={out}",
-        f"data.data_dir={data_dir}",
-        "callbacks.progress_bar.refresh_rate=0",
-        "model.optimizer.lr=0.002",
-    )
+    cfg = tiny_cfg(out, data_dir, "trainer.max_epochs=2", "model.optimizer.lr=0.002")
     return out, train(cfg)
 
 

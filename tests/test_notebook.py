@@ -2,7 +2,7 @@
 
 import nbformat
 import pytest
-from conftest import compose_train
+from conftest import tiny_cfg
 from nbclient import NotebookClient
 
 from mnist_cnn import ROOT
@@ -31,18 +31,7 @@ def test_the_notebook_runs_against_a_fresh_checkpoint(
     python3_kernel, tmp_path, data_dir, monkeypatch
 ):
     out = tmp_path / "run"
-    train(
-        compose_train(
-            "debug=fast",
-            "trainer.accelerator=cpu",
-            "trainer.max_epochs=2",
-            f"paths.output_dir={out}",
-            f"paths.log_dir={out}",
-            f"data.data_dir={data_dir}",
-            "callbacks.progress_bar.refresh_rate=0",
-            "test=false",
-        )
-    )
+    train(tiny_cfg(out, data_dir, "trainer.max_epochs=2", "test=false"))
     (best,) = (out / "checkpoints").glob("epoch*.ckpt")
     monkeypatch.setenv("MNIST_CKPT", str(best))
     monkeypatch.setenv("MNIST_DATA_DIR", str(data_dir))

@@ -45,15 +45,8 @@ def test_resume_from_last_ckpt_continues_the_epoch_count(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_full_epoch_reaches_98_percent(make_cfg):
-    metrics = train(
-        make_cfg(
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=null",
-            "trainer.limit_val_batches=null",
-            "trainer.limit_test_batches=null",
-        )
-    )
+def test_one_full_epoch_reaches_98_percent(full_epoch):
+    _, metrics = full_epoch
     assert metrics["val/acc"] >= 0.98 and metrics["test/acc"] >= 0.98
 
 
