@@ -230,6 +230,8 @@ def run_plain(args, out: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.trainer.accelerator == "cpu":
         device = torch.device("cpu")
+    if cfg.get("threads"):  # as train() does
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, verbose=False)
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("fit")

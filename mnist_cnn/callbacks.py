@@ -7,6 +7,7 @@ import random
 import signal
 import threading
 import time
+from datetime import timedelta
 
 import lightning as L
 import numpy as np
@@ -56,14 +57,20 @@ class EpochSummary(L.Callback):
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` writing only ``last.ckpt``, every ``every_n_train_steps``
-    steps, so a ``kill -9`` loses at most that many. Unlike the base class it does not also save
-    when training ends (it would replace the main callback's epoch-end ``last.ckpt``)."""
+    """Lightning's ``ModelCheckpoint`` writing only ``last.ckpt`` during training: every
+    ``every_n_seconds`` of training (Lightning's ``train_time_interval``), or every
+    ``every_n_train_steps`` steps when that is set, so a ``kill -9`` loses at most that much.
+    Unlike the base class it does not also save when training ends (it would replace the main
+    callback's epoch-end ``last.ckpt``)."""
 
-    def __init__(self, dirpath: str, every_n_train_steps: int = 200):
+    def __init__(
+        self, dirpath: str, every_n_seconds: float = 60, every_n_train_steps: int | None = None
+    ):
+        interval = None if every_n_train_steps else timedelta(seconds=every_n_seconds)
         super().__init__(
             dirpath=dirpath,
             every_n_train_steps=every_n_train_steps,
+            train_time_interval=interval,
             save_top_k=0,
             save_last=True,
             enable_version_counter=False,

@@ -16,12 +16,14 @@ def build_cnn(
     hidden: int = 1024,
     dropout: float = 0.5,
     batch_norm: bool = False,
+    batch_norm_fc: bool = False,
     image_size: int = 28,
     num_classes: int = 10,
 ) -> nn.Sequential:
     """conv1 relu1 pool1 conv2 relu2 pool2 flatten fc1 relu3 dropout fc2, as in the notebook.
 
-    ``batch_norm=True`` adds bn1/bn2 after each convolution (used by ``experiment=best``).
+    ``batch_norm=True`` adds bn1/bn2 after each convolution (used by ``experiment=best``),
+    ``batch_norm_fc=True`` bn3 after fc1.
     """
     c1, c2 = channels
     pad = kernel_size // 2
@@ -34,8 +36,10 @@ def build_cnn(
         layers.append(("bn2", nn.BatchNorm2d(c2)))
     layers += [("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)), ("flatten", nn.Flatten())]
     features = c2 * (image_size // 4) ** 2
+    layers.append(("fc1", nn.Linear(features, hidden)))
+    if batch_norm_fc:
+        layers.append(("bn3", nn.BatchNorm1d(hidden)))
     layers += [
-        ("fc1", nn.Linear(features, hidden)),
         ("relu3", nn.ReLU()),
         ("dropout", nn.Dropout(dropout)),
         ("fc2", nn.Linear(hidden, num_classes)),

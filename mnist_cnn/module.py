@@ -73,6 +73,7 @@ class MNISTClassifier(L.LightningModule):
         channels_last: bool = False,
         augment: dict | None = None,
         compile: bool = False,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(
@@ -83,6 +84,7 @@ class MNISTClassifier(L.LightningModule):
                 "channels_last": channels_last,
                 "augment": _plain(augment),
                 "compile": compile,
+                "label_smoothing": label_smoothing,
             }
         )
         self.net = build_cnn(**self.hparams.net)
@@ -90,7 +92,7 @@ class MNISTClassifier(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:  # the state_dict keeps its names: compile wraps, self.net stays the module
             self.net.compile()
-        self.criterion = nn.CrossEntropyLoss()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_classes=10, average="micro") for _ in range(3)
         )
@@ -107,8 +109,9 @@ class MNISTClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
-        getattr(self, f"{stage}_loss")(loss.detach(), weight=len(y))
-        getattr(self, f"{stage}_acc")(logits.detach(), y)
+        # update, not forward: the values are logged per epoch, so no per-batch compute
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(y))
+        getattr(self, f"{stage}_acc").update(logits.detach(), y)
         for name in ("loss", "acc"):
             metric = getattr(self, f"{stage}_{name}")
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=True)
@@ -143,7 +146,11 @@ class MNISTClassifier(L.LightningModule):
         scheduler = dict(self.hparams.scheduler)
         interval = scheduler.pop("interval", "epoch")
         if scheduler.pop("total_steps", None) == "auto":  # e.g. OneCycleLR
-            scheduler["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            steps = int(self.trainer.estimated_stepping_batches)
+            warmup = scheduler.get("pct_start", 0.3)  # OneCycleLR divides by warmup*steps - 1
+            if "OneCycleLR" in str(scheduler.get("_target_")) and warmup * steps <= 1:
+                steps = math.floor(1 / warmup) + 1  # a few-batch debug run
+            scheduler["total_steps"] = steps
         lr_scheduler = hydra.utils.instantiate(scheduler)(optimizer=optimizer)
         return {
             "optimizer": optimizer,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -47,6 +48,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path:
         load_checkpoint(ckpt_path)  # a missing, damaged or foreign file stops here, clearly
     runinfo.record(cfg.paths.output_dir, resumed_from=ckpt_path)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model, _recursive_=False)  # optimizer stays a config

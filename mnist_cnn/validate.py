@@ -41,6 +41,7 @@ ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
 # key: (test, what is allowed, an example); a key missing from the config is not checked
 RULES = {
     "seed": (_int(0), "an integer >= 0", "seed=1"),
+    "threads": (lambda v: v is None or _int(1)(v), "null or an integer >= 1", "threads=1"),
     "data.batch_size": (_int(1), "an integer >= 1", "data.batch_size=64"),
     "data.eval_batch_size": (_int(1), "an integer >= 1", "data.eval_batch_size=1000"),
     "data.num_workers": (_int(0), "an integer >= 0", "data.num_workers=0"),
@@ -51,13 +52,23 @@ RULES = {
         "a number in [0, 1)",
         "model.net.dropout=0.5",
     ),
+    "model.label_smoothing": (
+        _number(lambda v: 0 <= v < 1),
+        "a number in [0, 1)",
+        "model.label_smoothing=0.1",
+    ),
     "model.net.hidden": (_int(1), "an integer >= 1", "model.net.hidden=1024"),
     "trainer.max_epochs": (_int(1), "an integer >= 1", "trainer.max_epochs=20"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, " or ".join(ACCELERATORS), ""),
     "trainer.deterministic": (lambda v: v in (True, False, "warn"), "true, false or warn", ""),
+    "callbacks.step_checkpoint.every_n_seconds": (
+        _number(lambda v: v > 0),
+        "a number > 0 (seconds of training between saves of last.ckpt)",
+        "callbacks.step_checkpoint.every_n_seconds=60",
+    ),
     "callbacks.step_checkpoint.every_n_train_steps": (
-        _int(1),
-        "an integer >= 1 (training steps between saves of last.ckpt)",
+        lambda v: v is None or _int(1)(v),
+        "null or an integer >= 1 (training steps between saves of last.ckpt)",
         "callbacks.step_checkpoint.every_n_train_steps=200",
     ),
     "resume": (

@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 
 import hydra
+import lightning as L
 import pytest
 import torch
 import yaml
 from conftest import FAST
 
 from mnist_cnn import ROOT
+from mnist_cnn.callbacks import StepCheckpoint
 from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
+from mnist_cnn.data import MNISTDataModule
 from mnist_cnn.module import MNISTClassifier
 from mnist_cnn.train import train
 
@@ -120,6 +123,25 @@ def test_kill_9_mid_epoch_loses_only_the_steps_since_last_ckpt(tmp_path, data_di
     history = state["callbacks"]["EpochSummary"]["history"]
     assert history[0] == saved["callbacks"]["EpochSummary"]["history"][0]  # restored, not redone
     assert [r["epoch"] for r in history] == [1, 2]
+
+
+@pytest.mark.parametrize("seconds", [60, 0.001])
+def test_the_step_checkpoint_saves_by_training_time(tmp_path, data_dir, seconds):
+    dm = MNISTDataModule(str(data_dir))
+    saver = StepCheckpoint(str(tmp_path), every_n_seconds=seconds)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=5,
+        limit_val_batches=0,
+        callbacks=[saver],
+        logger=False,
+        enable_checkpointing=True,
+        enable_progress_bar=False,
+    )
+    trainer.fit(MNISTClassifier(), datamodule=dm)
+    saved = (tmp_path / "last.ckpt").exists()
+    assert saved is (seconds < 1) and saver._last_global_step_saved == (5 if saved else 0)
 
 
 def test_kill_9_during_a_checkpoint_save_leaves_the_previous_last_ckpt(tmp_path, data_dir):

@@ -24,6 +24,7 @@ def test_default_recipe_keeps_the_notebooks_model_and_training():
         "hidden": 1024,
         "dropout": 0.5,
         "batch_norm": False,
+        "batch_norm_fc": False,
     }
     assert cfg.model.optimizer.lr == 0.001 and cfg.model.optimizer._target_ == "torch.optim.Adam"
     assert cfg.model.scheduler is None and not cfg.model.augment
@@ -48,6 +49,14 @@ def test_fast_recipe_trains_with_a_per_step_one_cycle_schedule(make_cfg, tmp_pat
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     (scheduler,) = state["lr_schedulers"]
     assert scheduler["total_steps"] == 5 and scheduler["last_epoch"] == 5  # stepped every batch
+
+
+def test_best_recipe_runs_as_a_few_batch_debug_run(make_cfg, tmp_path):
+    metrics = train(make_cfg("experiment=best"))  # 5 steps: 20% warm-up is one step
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    (scheduler,) = state["lr_schedulers"]
+    assert scheduler["total_steps"] == 6 and scheduler["last_epoch"] == 5
 
 
 def test_best_recipe_tests_the_ema_weights_of_the_best_checkpoint(make_cfg, tmp_path, data_dir):
