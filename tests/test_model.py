@@ -1,6 +1,8 @@
 import torch
+from torch import nn
 
 from mnist_cnn.model import build_cnn
+from mnist_cnn.module import MNISTClassifier
 
 NAMES = [
     "conv1",
@@ -46,3 +48,17 @@ def test_fc1_input_is_computed_from_the_options():
 def test_batch_norm_variant_adds_bn_after_each_conv():
     names = [n for n, _ in build_cnn(batch_norm=True).named_children()]
     assert names[:2] == ["conv1", "bn1"] and names[names.index("conv2") + 1] == "bn2"
+
+
+def test_batch_norm_fc_adds_bn3_after_fc1_and_label_smoothing_reaches_the_loss():
+    names = [n for n, _ in build_cnn(batch_norm_fc=True).named_children()]
+    assert names[names.index("fc1") + 1] == "bn3" and "bn1" not in names
+    logits, y = (
+        torch.tensor([[4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]),
+        torch.tensor([0]),
+    )
+    smooth = MNISTClassifier(label_smoothing=0.1).criterion(logits, y)
+    plain = MNISTClassifier().criterion(logits, y)
+    assert smooth > plain and torch.isclose(
+        smooth, nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    )

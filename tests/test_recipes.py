@@ -35,10 +35,12 @@ def test_fast_and_best_compose_as_one_cycle_recipes_of_the_same_network():
     fast, best = compose_train("experiment=fast"), compose_train("experiment=best")
     for cfg in (fast, best):
         assert cfg.model.net.channels == [32, 64] and cfg.model.net.hidden == 1024
-        assert cfg.model.net.batch_norm and cfg.model.net.dropout == 0.5
+        assert cfg.model.net.batch_norm
         assert cfg.model.scheduler._target_ == "torch.optim.lr_scheduler.OneCycleLR"
         assert cfg.model.scheduler.max_lr == cfg.model.optimizer.lr
     assert fast.trainer.max_epochs == 1 and "ema" not in fast.callbacks
+    assert fast.model.net.batch_norm_fc and fast.model.label_smoothing == 0.1
+    assert best.model.net.dropout == 0.5 and not best.model.net.batch_norm_fc
     assert best.model.augment.degrees > 0 and best.callbacks.ema._target_ == "mnist_cnn.module.EMA"
     assert best.callbacks.model_checkpoint.monitor == "val/acc"  # chosen on validation only
 
