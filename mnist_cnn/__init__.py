@@ -9,5 +9,25 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "conf"
 RUN_ID = secrets.token_hex(3)  # one per process: two runs in the same second get two dirs
 
+
+def fast_precision(accelerator: str = "auto") -> str:
+    """``bf16-mixed`` where ``accelerator`` computes bfloat16 natively (a CUDA GPU with bf16, a CPU
+    with AVX512-BF16 or AMX), else ``32-true``; ``trainer.precision`` defaults to it.
+
+    >>> fast_precision("cpu") in ("bf16-mixed", "32-true")
+    True
+    """
+    import torch  # here, so that importing the package stays light
+
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    if accelerator in ("auto", "cpu") and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    ):
+        return "bf16-mixed"
+    return "32-true"
+
+
+OmegaConf.register_new_resolver("fast_precision", fast_precision, replace=True)
 OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT), replace=True)
 OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)

@@ -285,7 +285,8 @@ def _child(variant: str, args, data_dir: str, out: str, queue) -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
-        if variant == "notebook":
+        if variant == "notebook":  # a notebook process has not imported Lightning: undo its env
+            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
             result = run_notebook(args, data_dir)
         else:
             result = (run_lightning if variant == "lightning" else run_plain)(args, out)

@@ -37,6 +37,10 @@ def _number(test):
 # Lightning's AcceleratorRegistry names plus "auto" and "gpu" (a test keeps them in step);
 # listed here so a typo is reported without importing Lightning
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
+PRECISIONS = (  # Lightning's _PRECISION_INPUT, as strings
+    *("32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true"),
+    *("transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16"),
+)
 
 # key: (test, what is allowed, an example); a key missing from the config is not checked
 RULES = {
@@ -60,6 +64,11 @@ RULES = {
     "model.net.hidden": (_int(1), "an integer >= 1", "model.net.hidden=1024"),
     "trainer.max_epochs": (_int(1), "an integer >= 1", "trainer.max_epochs=20"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, " or ".join(ACCELERATORS), ""),
+    "trainer.precision": (
+        lambda v: str(v) in PRECISIONS,
+        ", ".join(PRECISIONS[:4]) + " or another Lightning precision",
+        "trainer.precision=32-true",
+    ),
     "trainer.deterministic": (lambda v: v in (True, False, "warn"), "true, false or warn", ""),
     "callbacks.step_checkpoint.every_n_seconds": (
         _number(lambda v: v > 0),

@@ -8,6 +8,7 @@ import torch
 from conftest import compose_train
 from hydra.utils import instantiate
 
+from mnist_cnn import fast_precision
 from mnist_cnn.checkpoint import load_model
 from mnist_cnn.data import MNISTDataModule
 from mnist_cnn.module import MNISTClassifier, random_affine
@@ -28,7 +29,20 @@ def test_default_recipe_keeps_the_notebooks_model_and_training():
     }
     assert cfg.model.optimizer.lr == 0.001 and cfg.model.optimizer._target_ == "torch.optim.Adam"
     assert cfg.model.scheduler is None and not cfg.model.augment
-    assert cfg.data.batch_size == 64 and cfg.trainer.precision == "32-true"
+    assert cfg.data.batch_size == 64 and cfg.trainer.precision == fast_precision("auto")
+
+
+def test_default_precision_is_bf16_only_where_the_chip_computes_bf16():
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert fast_precision("cpu") == ("bf16-mixed" if cpu_bf16 else "32-true")
+    assert fast_precision("mps") == "32-true"
+    assert compose_train("trainer.accelerator=cpu").trainer.precision == fast_precision("cpu")
+    assert compose_train("trainer.precision=32-true").trainer.precision == "32-true"
+    for recipe in ("seed", "best"):  # the notebook's float32; best was measured in float32
+        assert compose_train(f"experiment={recipe}").trainer.precision == "32-true"
+    if torch.cuda.is_available():
+        gpu_bf16 = torch.cuda.is_bf16_supported()
+        assert fast_precision("gpu") == ("bf16-mixed" if gpu_bf16 else "32-true")
 
 
 def test_fast_and_best_compose_as_one_cycle_recipes_of_the_same_network():

@@ -1,5 +1,6 @@
 """train(cfg) end to end with the real Trainer on a few CPU batches."""
 
+import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -29,6 +30,27 @@ def test_train_writes_checkpoints_and_tensorboard_and_returns_test_metrics(make_
     assert state["epoch"] == 1 and state["hyper_parameters"]["optimizer"]["lr"] == 0.001
     model = MNISTClassifier.load_from_checkpoint(best[0], map_location="cpu")
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+class LossSpy(L.Callback):
+    """Keeps every training step's loss (``+callbacks.spy._target_=test_train.LossSpy``)."""
+
+    losses: list[list[float]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        LossSpy.losses.append([])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        LossSpy.losses[-1].append(float(outputs["loss"]))
+
+
+def test_train_metrics_are_logged_once_per_epoch_over_all_its_batches(make_cfg, tmp_path):
+    LossSpy.losses = []
+    train(make_cfg("trainer.max_epochs=2", "+callbacks.spy._target_=test_train.LossSpy"))
+    assert [len(epoch) for epoch in LossSpy.losses] == [5, 5]  # debug=fast: 5 batches of 64
+    logged = scalars(tmp_path / "tensorboard", "train/loss")
+    expected = [sum(epoch) / len(epoch) for epoch in LossSpy.losses]
+    assert logged == pytest.approx(expected, rel=1e-5)
 
 
 def test_resume_from_last_ckpt_continues_the_epoch_count(make_cfg, tmp_path):

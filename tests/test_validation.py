@@ -2,13 +2,14 @@
 
 import subprocess
 import sys
+import typing
 
 import pytest
 from conftest import compose_train
 from omegaconf import OmegaConf
 
 from mnist_cnn.train import train
-from mnist_cnn.validate import ACCELERATORS, RULES, ConfigError, check, preflight
+from mnist_cnn.validate import ACCELERATORS, PRECISIONS, RULES, ConfigError, check, preflight
 
 # override -> words the message must hold (the key, the value, what is allowed)
 BAD = {
@@ -19,6 +20,7 @@ BAD = {
     "model.net.dropout=1.0": ["model.net.dropout=1.0", "[0, 1)"],
     "model.net.dropout=-0.5": ["model.net.dropout=-0.5", "[0, 1)"],
     "trainer.accelerator=gpux": ["trainer.accelerator=gpux", "auto or cpu"],
+    "trainer.precision=bf16mixed": ["trainer.precision=bf16mixed", "32-true, bf16-mixed"],
     "trainer.max_epochs=0": ["trainer.max_epochs=0", "an integer >= 1"],
     "trainer.max_epoch=3": ["trainer.max_epoch", "did you mean trainer.max_epochs?"],
     "data.batchsize=32": ["data.batchsize", "did you mean data.batch_size?"],
@@ -90,6 +92,13 @@ def test_accelerators_are_lightnings():
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
     assert set(ACCELERATORS) == set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"}
+
+
+def test_precisions_are_lightnings():
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+    values = {str(v) for group in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(group)}
+    assert set(PRECISIONS) == values
 
 
 @pytest.mark.parametrize("bad", ["data.batch_size=0", "trainer.max_epochs=-1"])
