@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+from mnist_cnn import fast_precision
 from mnist_cnn.checkpoint import load_checkpoint, load_model
 from mnist_cnn.data import MNISTDataModule
 
@@ -40,7 +41,8 @@ def test_ddp_cpu_trains_in_one_run_dir_with_metrics_over_both_ranks(tmp_path, da
     dm = MNISTDataModule(str(data_dir))
     dm.setup("fit")
     x, y = dm.on_after_batch_transfer(dm.val_set[torch.arange(4000)], 0)
-    with torch.no_grad():
+    bf16 = fast_precision("cpu") == "bf16-mixed"  # the run's trainer.precision
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         correct = load_model(best[0])(x).argmax(-1) == y
     assert float(score) == correct.float().mean().item()
     assert "test accuracy" in proc.stdout + proc.stderr
