@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -32,6 +33,8 @@ REPORT_FIELDS = {
     "peak_estimate",
     "ratio_b_over_a",
     "overhead_b_over_c_pct",
+    "overhead_b_over_c_pct_per_round",
+    "overhead_b_over_c_pct_median_of_rounds",
     "variants",
 }
 
@@ -62,6 +65,13 @@ def test_reduced_bench_writes_json_with_every_field_and_a_table(data_dir, tmp_pa
     a, b, c = (report["variants"][n]["train_samples_per_s"] for n in VARIANTS)
     assert report["ratio_b_over_a"] == pytest.approx(b / a)
     assert report["overhead_b_over_c_pct"] == pytest.approx((c / b - 1) * 100)
+    repeats = {n: v["train_samples_per_s_repeats"] for n, v in report["variants"].items()}
+    rounds = zip(repeats["lightning"], repeats["plain"], strict=True)
+    per_round = [(c_i / b_i - 1) * 100 for b_i, c_i in rounds]
+    assert report["overhead_b_over_c_pct_per_round"] == pytest.approx(per_round)
+    assert report["overhead_b_over_c_pct_median_of_rounds"] == pytest.approx(
+        statistics.median(per_round)
+    )
     assert math.isfinite(report["peak_gflops"]) and report["peak_gflops"] > 0
     table = (tmp_path / "bench.md").read_text()
     for label in ("(a) notebook loop", "(b) template, Lightning", "(c) template data, plain loop"):
