@@ -11,7 +11,7 @@ Each run is a fresh process (its peak memory is its own), with ``--warmup`` unti
 batches first; ``--repeats`` rounds of (a), (b), (c) in turn; the median is reported.
 Writes bench.json and bench.md.
 
-python -m mnist_cnn.bench                                   # about 5 minutes on 2 CPU cores
+python -m mnist_cnn.bench                                   # about 6 minutes on 2 CPU cores
 python -m mnist_cnn.bench --batches 5 --repeats 1 --out /tmp/bench   # a smoke run
 python -m mnist_cnn.bench trainer.precision=bf16-mixed      # overrides for (b) and (c)
 """
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides for (b) and (c)")
     parser.add_argument("--batches", type=int, default=300, help="timed training batches")
     parser.add_argument("--warmup", type=int, default=20, help="untimed batches before timing")
-    parser.add_argument("--repeats", type=int, default=3, help="the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="the median is reported")
     parser.add_argument("--eval-batches", type=int, default=None, help="default: all of val")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--peak-gflops", type=float, default=None, help="override the estimate")
