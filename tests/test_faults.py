@@ -16,7 +16,7 @@ import yaml
 from conftest import FAST
 
 from mnist_cnn import ROOT
-from mnist_cnn.callbacks import StepCheckpoint
+from mnist_cnn.callbacks import Diverged, FiniteCheck, StepCheckpoint
 from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
 from mnist_cnn.data import MNISTDataModule
 from mnist_cnn.module import MNISTClassifier
@@ -174,6 +174,29 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     state = load_checkpoint(the_run(tmp_path) / "checkpoints" / "last.ckpt")
     assert state["global_step"] < int(diverged[1])
     assert all(torch.isfinite(w).all() for k, w in state["state_dict"].items() if "net." in k)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_the_finite_check_reads_the_loss_every_step_on_cpu_and_every_nth_on_a_gpu(device):
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    check, nan = FiniteCheck(gpu_every_n_steps=4), torch.tensor(float("nan"), device=device)
+    stops = []
+    for batch_idx in range(9):
+        try:
+            check.on_train_batch_end(trainer, MNISTClassifier(), {"loss": nan}, None, batch_idx)
+        except Diverged as e:
+            assert "the training loss is nan" in str(e)
+            stops.append(batch_idx)
+    assert stops == (list(range(9)) if device == "cpu" else [0, 4, 8])
 
 
 class Payload:
