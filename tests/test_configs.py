@@ -46,6 +46,15 @@ def test_option_composes_and_instantiates(option, tmp_path):
     assert trainer.max_epochs >= 1
 
 
+def test_callbacks_none_leaves_the_trainer_with_no_callbacks(tmp_path):
+    cfg = compose_train("callbacks=none", f"paths.output_dir={tmp_path}")
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks))
+    assert trainer.callbacks == [] and trainer.checkpoint_callback is None
+    timer = "+callbacks.timer={_target_: lightning.pytorch.callbacks.Timer}"
+    cfg = compose_train("callbacks=none", timer, f"paths.output_dir={tmp_path}")
+    assert [type(c).__name__ for c in instantiate_group(cfg.callbacks)] == ["Timer"]
+
+
 def test_defaults_are_the_notebooks():
     cfg = compose_train("paths.output_dir=.")
     assert cfg.data.batch_size == 64 and cfg.seed == 1
