@@ -10,6 +10,9 @@
 Each run is a fresh process (its peak memory is its own), with ``--warmup`` untimed
 batches first; ``--repeats`` rounds of (a), (b), (c) in turn ((c) before (b) every other
 round); the median is reported.
+(b) and (c) also time the model's own work (``training_step``, ``Tensor.backward``, the
+optimizer's update): what a step spends outside it, (b) minus (c), is Lightning's share of a
+step, measured without the jitter of the compute itself.
 Writes bench.json and bench.md.
 
 python -m mnist_cnn.bench                                   # about 6 minutes on 2 CPU cores
@@ -86,22 +89,68 @@ def peak_gflops(device: torch.device) -> tuple[float, str]:
     return peak, f"{cores} cores x {mhz / 1000:.2f} GHz x {per_cycle} FP32 FLOP/cycle"
 
 
+class ComputeClock:
+    """Seconds spent in the model's own work since ``reset()``: ``training_step`` (forward, loss,
+    metric updates), ``Tensor.backward`` and the optimizer's update function
+    (``torch.optim.adam.adam`` for Adam). ``install`` wraps them; the bench's children only."""
+
+    seconds, steps = 0.0, 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.seconds, cls.steps = 0.0, 0
+
+    @classmethod
+    def _wrap(cls, fn, counts_step: bool = False):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cls.seconds += time.perf_counter() - start
+                cls.steps += counts_step
+
+        return timed
+
+    @classmethod
+    def install(cls, optimizer_target: str) -> None:
+        import hydra
+
+        from mnist_cnn.module import MNISTClassifier
+
+        MNISTClassifier.training_step = cls._wrap(MNISTClassifier.training_step, True)
+        torch.Tensor.backward = cls._wrap(torch.Tensor.backward)
+        module = sys.modules[hydra.utils.get_class(optimizer_target).__module__]
+        update = getattr(module, module.__name__.rsplit(".", 1)[-1], None)  # adam.adam, sgd.sgd
+        if callable(update):  # else the update counts as outside, in (b) and (c) alike
+            setattr(module, update.__name__, cls._wrap(update))
+
+    @classmethod
+    def outside_ms(cls, elapsed: float) -> float:
+        """Milliseconds per step outside the model's work, over ``elapsed`` seconds."""
+        return 1000 * (elapsed - cls.seconds) / max(cls.steps, 1)
+
+
 class Timer(L.Callback):
-    """Logs ``bench/train_samples_per_s`` (the batches after ``warmup``) and
+    """Logs ``bench/train_samples_per_s`` (the batches after ``warmup``),
+    ``bench/train_outside_ms`` (``ComputeClock.outside_ms`` over them) and
     ``bench/eval_samples_per_s`` (validation batches after the first): ``train(cfg)`` returns them.
     """
 
     def __init__(self, warmup: int):
         self.warmup = warmup
         self.train, self.eval = [0.0, 0.0, 0], [0.0, 0.0, 0]  # start, end, samples
+        self.outside_ms = math.nan
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warmup:
+            ComputeClock.reset()
             self.train[0] = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx >= self.warmup:
             self.train[1:] = [time.perf_counter(), self.train[2] + len(batch[1])]
+            self.outside_ms = ComputeClock.outside_ms(self.train[1] - self.train[0])
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == min(1, trainer.num_val_batches[0] - 1):
@@ -116,6 +165,7 @@ class Timer(L.Callback):
             return
         for name, (start, end, n) in (("train", self.train), ("eval", self.eval)):
             pl_module.log(f"bench/{name}_samples_per_s", n / (end - start), batch_size=1)
+        pl_module.log("bench/train_outside_ms", self.outside_ms, batch_size=1)
 
 
 def _sync(device: torch.device) -> None:
@@ -124,16 +174,19 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(batches, step, warmup: int, device: torch.device) -> float:
-    """Samples/s of ``step(batch)`` over ``batches`` after ``warmup`` of them."""
+    """Samples/s of ``step(batch)`` over ``batches`` after ``warmup`` of them (``ComputeClock``
+    restarts with the timing)."""
     start, n = time.perf_counter(), 0
     for i, batch in enumerate(batches):
         if i == warmup:
             _sync(device)
+            ComputeClock.reset()
             start, n = time.perf_counter(), 0
         step(batch)
         n += len(batch[1])
     _sync(device)
-    return n / (time.perf_counter() - start)
+    _timed.elapsed = time.perf_counter() - start
+    return n / _timed.elapsed
 
 
 def _take(loader, n: int | None):
@@ -199,7 +252,7 @@ def run_lightning(args, out: str) -> dict:
     """(b) ``mnist_cnn.train.train`` on the real config, one epoch of warmup + batches."""
     from mnist_cnn.train import train
 
-    train_sps, eval_sps = [], []
+    train_sps, eval_sps, outside = [], [], []
     cfg = None
     for i in range(args.repeats):
         cfg = _compose(
@@ -215,9 +268,11 @@ def run_lightning(args, out: str) -> dict:
         metrics = train(cfg)
         train_sps.append(metrics["bench/train_samples_per_s"])
         eval_sps.append(metrics["bench/eval_samples_per_s"])
+        outside.append(metrics["bench/train_outside_ms"])
     return {
         "train": train_sps,
         "eval": eval_sps,
+        "outside_ms": outside,
         "batch_size": cfg.data.batch_size,
         "eval_batch_size": cfg.data.eval_batch_size,
     }
@@ -256,11 +311,12 @@ def run_plain(args, out: str) -> dict:
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             module.validation_step(batch, 0)
 
-    train, evals = [], []
+    train, evals, outside = [], [], []
     for _ in range(args.repeats):
         module.train()
         loader = batches(dm.train_dataloader(), args.warmup + args.batches)
         train.append(_timed(loader, train_step, args.warmup, device))
+        outside.append(ComputeClock.outside_ms(_timed.elapsed))
         module.eval()
         with torch.no_grad():
             evals.append(
@@ -269,6 +325,7 @@ def run_plain(args, out: str) -> dict:
     return {
         "train": train,
         "eval": evals,
+        "outside_ms": outside,
         "batch_size": cfg.data.batch_size,
         "eval_batch_size": cfg.data.eval_batch_size,
     }
@@ -290,6 +347,7 @@ def _child(variant: str, args, data_dir: str, out: str, queue) -> None:
             os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
             result = run_notebook(args, data_dir)
         else:
+            ComputeClock.install(_compose(args, out).model.optimizer._target_)
             result = (run_lightning if variant == "lightning" else run_plain)(args, out)
     except Exception as e:  # reported by the parent with the variant's name
         queue.put({"error": f"{type(e).__name__}: {e}"})
@@ -304,7 +362,9 @@ def _child(variant: str, args, data_dir: str, out: str, queue) -> None:
 def run_variant(variant: str, args, data_dir: str, out: str) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(variant, args, data_dir, out, queue))
+    from mnist_cnn import bench  # not __main__: the child's Timer shares its ComputeClock
+
+    proc = ctx.Process(target=bench._child, args=(variant, args, data_dir, out, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -332,11 +392,23 @@ def summarize(results: dict, args, peak: float, peak_how: str) -> dict:
             "threads": r["threads"],
             "train_gflops": gflops,
             "train_peak_fraction": gflops / peak,
+            "train_outside_ms_per_step": statistics.median(r["outside_ms"])
+            if "outside_ms" in r
+            else None,
+            "train_outside_ms_per_step_repeats": r.get("outside_ms"),
         }
     a, b, c = (variants[v]["train_samples_per_s"] for v in VARIANTS)
     # (b) and (c) of the same round ran back to back: their ratio is less exposed to slow drift
     rounds = zip(results["lightning"]["train"], results["plain"]["train"], strict=True)
     per_round = [(c_i / b_i - 1) * 100 for b_i, c_i in rounds]
+    # the same from the time outside the model's work: Lightning's ms per step over (c)'s step
+    lightning_ms, phases = [], []
+    plain = results["plain"]
+    for b_i, c_i, sps in zip(
+        results["lightning"]["outside_ms"], plain["outside_ms"], plain["train"], strict=True
+    ):
+        lightning_ms.append(b_i - c_i)
+        phases.append((b_i - c_i) / (1000 * plain["batch_size"] / sps) * 100)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -364,6 +436,9 @@ def summarize(results: dict, args, peak: float, peak_how: str) -> dict:
         "overhead_b_over_c_pct": (c / b - 1) * 100,
         "overhead_b_over_c_pct_per_round": per_round,
         "overhead_b_over_c_pct_median_of_rounds": statistics.median(per_round),
+        "lightning_ms_per_step": statistics.median(lightning_ms),
+        "overhead_from_phases_pct_per_round": phases,
+        "overhead_from_phases_pct": statistics.median(phases),
         "variants": variants,
     }
 
@@ -395,6 +470,7 @@ def markdown(report: dict) -> str:
             f"| {v['train_peak_fraction']:.0%} | {memory:,.0f} MiB |"
         )
     m, s = report["machine"], report["settings"]
+    v_b, v_c = report["variants"]["lightning"], report["variants"]["plain"]
     threads = report["variants"]["lightning"]["threads"]
     return "\n".join(
         [
@@ -404,6 +480,13 @@ def markdown(report: dict) -> str:
             f"**{report['overhead_b_over_c_pct']:.1f}%** (per round: "
             + ", ".join(f"{x:.1f}%" for x in report["overhead_b_over_c_pct_per_round"])
             + f"; their median {report['overhead_b_over_c_pct_median_of_rounds']:.1f}%).",
+            f"Outside the model's work (training_step, backward, optimizer update) a step spends "
+            f"{v_b['train_outside_ms_per_step']:.2f} ms in (b) and "
+            f"{v_c['train_outside_ms_per_step']:.2f} ms in (c): Lightning adds "
+            f"{report['lightning_ms_per_step']:.2f} ms per step, "
+            f"**{report['overhead_from_phases_pct']:.1f}%** of (c)'s step (median of rounds: "
+            + ", ".join(f"{x:.1f}%" for x in report["overhead_from_phases_pct_per_round"])
+            + ").",
             f"{m['device']} ({m['cpu']}, {m['cpu_count']} cores, torch threads {threads}), "
             f"torch {m['torch']}, "
             f"lightning {m['lightning']}; median of {s['repeats']} repeats of {s['batches']} "
@@ -462,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
                 if variant in results:
                     r["train"] = results[variant]["train"] + r["train"]
                     r["eval"] = results[variant]["eval"] + r["eval"]
+                    if "outside_ms" in r:
+                        r["outside_ms"] = results[variant]["outside_ms"] + r["outside_ms"]
                     for key in ("peak_rss_mib", "peak_cuda_mib"):
                         if r.get(key) is not None:
                             r[key] = max(r[key], results[variant][key])

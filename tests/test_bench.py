@@ -22,6 +22,8 @@ VARIANT_FIELDS = {
     "threads",
     "train_gflops",
     "train_peak_fraction",
+    "train_outside_ms_per_step",
+    "train_outside_ms_per_step_repeats",
 }
 REPORT_FIELDS = {
     "date",
@@ -35,6 +37,9 @@ REPORT_FIELDS = {
     "overhead_b_over_c_pct",
     "overhead_b_over_c_pct_per_round",
     "overhead_b_over_c_pct_median_of_rounds",
+    "lightning_ms_per_step",
+    "overhead_from_phases_pct_per_round",
+    "overhead_from_phases_pct",
     "variants",
 }
 
@@ -72,6 +77,20 @@ def test_reduced_bench_writes_json_with_every_field_and_a_table(data_dir, tmp_pa
     assert report["overhead_b_over_c_pct_median_of_rounds"] == pytest.approx(
         statistics.median(per_round)
     )
+    # the time outside the model's work is a part of each step of (b) and (c), not all of it
+    outside = {}
+    for name in ("lightning", "plain"):
+        v = report["variants"][name]
+        outside[name] = v["train_outside_ms_per_step_repeats"]
+        steps_ms = [1000 * v["batch_size"] / sps for sps in v["train_samples_per_s_repeats"]]
+        assert all(0 < o < ms for o, ms in zip(outside[name], steps_ms, strict=True)), name
+        assert v["train_outside_ms_per_step"] == statistics.median(outside[name])
+    assert report["variants"]["notebook"]["train_outside_ms_per_step"] is None
+    plain = report["variants"]["plain"]["train_samples_per_s_repeats"]
+    pairs = zip(outside["lightning"], outside["plain"], plain, strict=True)
+    phases = [(b_i - c_i) * sps / (1000 * 32) * 100 for b_i, c_i, sps in pairs]
+    assert report["overhead_from_phases_pct_per_round"] == pytest.approx(phases)
+    assert report["overhead_from_phases_pct"] == pytest.approx(statistics.median(phases))
     assert math.isfinite(report["peak_gflops"]) and report["peak_gflops"] > 0
     table = (tmp_path / "bench.md").read_text()
     for label in ("(a) notebook loop", "(b) template, Lightning", "(c) template data, plain loop"):
