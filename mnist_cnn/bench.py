@@ -90,15 +90,20 @@ def peak_gflops(device: torch.device) -> tuple[float, str]:
 
 
 class ComputeClock:
-    """Seconds spent in the model's own work since ``reset()``: ``training_step`` (forward, loss,
-    metric updates), ``Tensor.backward`` and the optimizer's update function
-    (``torch.optim.adam.adam`` for Adam). ``install`` wraps them; the bench's children only."""
+    """Seconds spent in the model's own work between ``reset()`` and ``stop()``:
+    ``training_step`` (forward, loss, metric updates), ``Tensor.backward`` and the optimizer's
+    update function (``torch.optim.adam.adam`` for Adam). ``install`` wraps them; the bench's
+    children only."""
 
-    seconds, steps = 0.0, 0
+    seconds, steps, start, elapsed = 0.0, 0, 0.0, 0.0
 
     @classmethod
     def reset(cls) -> None:
-        cls.seconds, cls.steps = 0.0, 0
+        cls.seconds, cls.steps, cls.start = 0.0, 0, time.perf_counter()
+
+    @classmethod
+    def stop(cls) -> None:
+        cls.elapsed = time.perf_counter() - cls.start
 
     @classmethod
     def _wrap(cls, fn, counts_step: bool = False):
@@ -126,21 +131,20 @@ class ComputeClock:
             setattr(module, update.__name__, cls._wrap(update))
 
     @classmethod
-    def outside_ms(cls, elapsed: float) -> float:
-        """Milliseconds per step outside the model's work, over ``elapsed`` seconds."""
-        return 1000 * (elapsed - cls.seconds) / max(cls.steps, 1)
+    def outside_ms(cls) -> float:
+        """Milliseconds per step outside the model's work, from ``reset()`` to ``stop()``."""
+        return 1000 * (cls.elapsed - cls.seconds) / max(cls.steps, 1)
 
 
 class Timer(L.Callback):
     """Logs ``bench/train_samples_per_s`` (the batches after ``warmup``),
-    ``bench/train_outside_ms`` (``ComputeClock.outside_ms`` over them) and
+    ``bench/train_outside_ms`` (``ComputeClock.outside_ms()`` over them) and
     ``bench/eval_samples_per_s`` (validation batches after the first): ``train(cfg)`` returns them.
     """
 
     def __init__(self, warmup: int):
         self.warmup = warmup
         self.train, self.eval = [0.0, 0.0, 0], [0.0, 0.0, 0]  # start, end, samples
-        self.outside_ms = math.nan
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warmup:
@@ -149,8 +153,8 @@ class Timer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx >= self.warmup:
+            ComputeClock.stop()
             self.train[1:] = [time.perf_counter(), self.train[2] + len(batch[1])]
-            self.outside_ms = ComputeClock.outside_ms(self.train[1] - self.train[0])
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == min(1, trainer.num_val_batches[0] - 1):
@@ -165,7 +169,7 @@ class Timer(L.Callback):
             return
         for name, (start, end, n) in (("train", self.train), ("eval", self.eval)):
             pl_module.log(f"bench/{name}_samples_per_s", n / (end - start), batch_size=1)
-        pl_module.log("bench/train_outside_ms", self.outside_ms, batch_size=1)
+        pl_module.log("bench/train_outside_ms", ComputeClock.outside_ms(), batch_size=1)
 
 
 def _sync(device: torch.device) -> None:
@@ -174,8 +178,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(batches, step, warmup: int, device: torch.device) -> float:
-    """Samples/s of ``step(batch)`` over ``batches`` after ``warmup`` of them (``ComputeClock``
-    restarts with the timing)."""
+    """Samples/s of ``step(batch)`` over ``batches`` after ``warmup`` of them; ``ComputeClock``
+    times the same window."""
     start, n = time.perf_counter(), 0
     for i, batch in enumerate(batches):
         if i == warmup:
@@ -185,8 +189,8 @@ def _timed(batches, step, warmup: int, device: torch.device) -> float:
         step(batch)
         n += len(batch[1])
     _sync(device)
-    _timed.elapsed = time.perf_counter() - start
-    return n / _timed.elapsed
+    ComputeClock.stop()
+    return n / (time.perf_counter() - start)
 
 
 def _take(loader, n: int | None):
@@ -316,7 +320,7 @@ def run_plain(args, out: str) -> dict:
         module.train()
         loader = batches(dm.train_dataloader(), args.warmup + args.batches)
         train.append(_timed(loader, train_step, args.warmup, device))
-        outside.append(ComputeClock.outside_ms(_timed.elapsed))
+        outside.append(ComputeClock.outside_ms())
         module.eval()
         with torch.no_grad():
             evals.append(
