@@ -162,18 +162,57 @@ def _as_batch(batch):
 
 
 class EpochSampler(RandomSampler):
-    """A shuffle that depends only on (seed, epoch): resuming at epoch k replays epoch k's order."""
+    """A shuffle that depends only on (seed, epoch): resuming at epoch k replays epoch k's order.
+    ``start`` skips that many indices of the next epoch's order, once (a mid-epoch resume)."""
 
     def __init__(self, data, seed: int):
         super().__init__(data)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.start = seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+        start, self.start = self.start, 0
+        return iter(torch.randperm(len(self.data_source), generator=g)[start:].tolist())
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, with its place in the epoch in checkpoints: Lightning saves
+    ``state_dict()`` with the fit loop and calls ``load_state_dict`` on resume, so a run
+    resumed mid-epoch trains on the rest of that epoch's order, as an uninterrupted run would.
+    With a sampler other than ``EpochSampler`` (DDP wraps it) the epoch starts again."""
+
+    _resume: dict | None = None
+    _place: dict | None = None
+
+    def state_dict(self) -> dict:
+        return dict(self._place or {"epoch": 0, "batches": 0})
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
+
+    def __iter__(self):
+        # a generator: this runs at the first batch, after Lightning's set_epoch
+        resume, self._resume = self._resume or {}, None
+        epoch = getattr(self.sampler, "epoch", 0)
+        skip = resume.get("batches", 0) if resume.get("epoch") == epoch else 0
+        if skip and not isinstance(self.sampler, EpochSampler):
+            log.warning("resuming mid-epoch with %s: epoch %d starts again", self.sampler, epoch)
+            skip = 0
+        self._place = {"epoch": epoch, "batches": skip}
+        if skip:
+            self.sampler.start = skip * self.batch_size
+            # the uninterrupted run drew the loader's seed from the global RNG at the epoch's
+            # start, before the checkpoint: drawing it again would shift dropout's numbers
+            with torch.random.fork_rng(devices=[]):
+                batches = super().__iter__()
+        else:
+            batches = super().__iter__()
+        for batch in batches:
+            self._place["batches"] += 1
+            yield batch
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -223,7 +262,7 @@ class MNISTDataModule(L.LightningDataModule):
     def _loader(self, data, batch_size: int, sampler=None) -> DataLoader:
         tensor = self.hparams.loader == "tensor"
         workers = 0 if tensor else self.hparams.num_workers
-        return DataLoader(
+        return (ResumableLoader if sampler is not None else DataLoader)(
             data,
             batch_size=batch_size,
             sampler=sampler,

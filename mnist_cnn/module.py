@@ -110,7 +110,10 @@ class MNISTClassifier(L.LightningModule):
             MeanMetric(nan_strategy="disable") for _ in range(3)
         )
         self.val_acc_best = MaxMetric()
-        self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers it
+        # kept in checkpoints: a resumed run remembers the best, and the epoch's train metrics
+        # so far when it resumes mid-epoch
+        for metric in (self.val_acc_best, self.train_loss, self.train_acc):
+            metric.persistent(True)
         self._train_logged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +134,9 @@ class MNISTClassifier(L.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
+        # not called when resuming mid-epoch: the metrics then keep the checkpoint's batches
+        self.train_loss.reset()
+        self.train_acc.reset()
         self._train_logged = False
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

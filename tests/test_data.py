@@ -60,6 +60,41 @@ def test_shuffle_depends_on_seed_and_epoch(data_dir):
     assert not torch.equal(first, next(iter(loader))[1])
 
 
+@pytest.mark.parametrize("loader", ["tensor", "torchvision"])
+def test_the_train_loader_resumes_mid_epoch_where_it_stopped(data_dir, loader):
+    dm = MNISTDataModule(str(data_dir), loader=loader, seed=5)
+    dm.setup("fit")
+    first = dm.train_dataloader()
+    first.sampler.set_epoch(2)
+    batches = iter(first)
+    whole = [next(batches)[1] for _ in range(5)]
+    batches = iter(first)
+    for _ in range(3):
+        next(batches)
+    state = first.state_dict()
+    assert state == {"epoch": 2, "batches": 3}
+
+    again = dm.train_dataloader()  # a new process: a new loader, the checkpoint's state
+    again.load_state_dict(state)
+    again.sampler.set_epoch(2)
+    rng = torch.get_rng_state()
+    rest = iter(again)
+    assert torch.equal(next(rest)[1], whole[3]) and torch.equal(next(rest)[1], whole[4])
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG untouched (dropout's)
+    assert again.state_dict() == {"epoch": 2, "batches": 5}
+    assert len(list(rest)) == len(again) - 5
+    assert torch.equal(next(iter(again))[1], whole[0])  # the next pass starts at the beginning
+
+
+def test_a_resume_state_from_another_epoch_starts_the_epoch_from_its_beginning(data_dir):
+    dm = MNISTDataModule(str(data_dir), seed=5)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    first = next(iter(loader))[1]
+    loader.load_state_dict({"epoch": 3, "batches": 10})  # saved at the end of epoch 4
+    assert torch.equal(next(iter(loader))[1], first)
+
+
 def copy_raw(data_dir, tmp_path, names=RAW_FILES):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)

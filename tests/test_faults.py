@@ -98,14 +98,22 @@ def test_a_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, data_dir, sig
             torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_kill_9_mid_epoch_loses_only_the_steps_since_last_ckpt(tmp_path, data_dir):
+def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     steps = ["trainer.max_epochs=2", "trainer.limit_train_batches=12", "logger=none", "test=false"]
-    proc = start(tmp_path, data_dir, *steps, "callbacks.step_checkpoint.every_n_train_steps=3")
-    last = tmp_path / "unknown"
+    steps += [
+        "trainer.deterministic=true",
+        "seed=3",
+        "callbacks.step_checkpoint.every_n_train_steps=3",
+    ]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    whole.mkdir(), part.mkdir()
+    uninterrupted = start(whole, data_dir, *steps)
+    proc = start(part, data_dir, *steps)
+    last = part / "unknown"
 
     def in_epoch_2_and_not_saving() -> bool:
         nonlocal last
-        last = last_ckpt(tmp_path)
+        last = last_ckpt(part)
         return step(last) > 12 and not last.with_name("last.ckpt.partial").exists()
 
     wait_until(proc, in_epoch_2_and_not_saving)
@@ -114,15 +122,30 @@ def test_kill_9_mid_epoch_loses_only_the_steps_since_last_ckpt(tmp_path, data_di
     saved = load_checkpoint(last)
     assert saved["global_step"] % 3 == 0 and 12 < saved["global_step"] < 24
     assert [r["epoch"] for r in saved["callbacks"]["EpochSummary"]["history"]] == [1]
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": saved["global_step"] - 12}  # the loader's place in epoch 2
+    ]
 
-    code, out = finish(start(tmp_path, data_dir, f"resume={last.parents[1]}"))
+    code, out = finish(start(part, data_dir, f"resume={last.parents[1]}"))
     assert code == 0, out[-3000:]
     assert f"Restoring states from the checkpoint path at {last}" in out
-    state = load_checkpoint(last)
-    assert state["global_step"] == 24
-    history = state["callbacks"]["EpochSummary"]["history"]
+    assert "not resumable" not in out  # Lightning's warning for a loader without a state
+    assert finish(uninterrupted)[0] == 0
+    a, b = load_checkpoint(last_ckpt(whole)), load_checkpoint(last)
+    assert a["global_step"] == b["global_step"] == 24
+    history = b["callbacks"]["EpochSummary"]["history"]
     assert history[0] == saved["callbacks"]["EpochSummary"]["history"][0]  # restored, not redone
     assert [r["epoch"] for r in history] == [1, 2]
+    # the rest of epoch 2's order, the same dropout draws, the epoch's train metrics so far:
+    # the resumed run ends bit for bit where the uninterrupted one does
+    for name, weights in a["state_dict"].items():
+        assert torch.equal(weights, b["state_dict"][name]), name
+
+    def metrics(state):
+        rows = state["callbacks"]["EpochSummary"]["history"]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert metrics(a) == metrics(b)
 
 
 @pytest.mark.parametrize("seconds", [60, 0.001])
