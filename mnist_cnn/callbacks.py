@@ -28,7 +28,7 @@ class EpochSummary(L.Callback):
 
     def __init__(self):
         self.history: list[dict[str, float]] = []
-        self._start = 0.0
+        self._start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
@@ -51,10 +51,12 @@ class EpochSummary(L.Callback):
         log.info(" | ".join(parts))
 
     def state_dict(self) -> dict:
-        return {"history": self.history}
+        # the epoch's seconds so far: a run resumed mid-epoch adds to them (no epoch start)
+        return {"history": self.history, "epoch_seconds": time.perf_counter() - self._start}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
+        self._start = time.perf_counter() - state_dict.get("epoch_seconds", 0.0)
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -136,6 +136,7 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data
     history = b["callbacks"]["EpochSummary"]["history"]
     assert history[0] == saved["callbacks"]["EpochSummary"]["history"][0]  # restored, not redone
     assert [r["epoch"] for r in history] == [1, 2]
+    assert 0 < history[1]["seconds"] < 300  # both parts of the epoch, kill excluded
     # the rest of epoch 2's order, the same dropout draws, the epoch's train metrics so far:
     # the resumed run ends bit for bit where the uninterrupted one does
     for name, weights in a["state_dict"].items():
