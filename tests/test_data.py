@@ -7,8 +7,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-from mnist_cnn.data import RAW_FILES, DataError, MNISTDataModule, _idx_problem, prepare_mnist
+from mnist_cnn.data import (
+    RAW_FILES,
+    DataError,
+    MNISTDataModule,
+    ResumableLoader,
+    _idx_problem,
+    prepare_mnist,
+)
 
 
 def raw_images(data_dir, name="train-images-idx3-ubyte"):
@@ -60,11 +68,22 @@ def test_shuffle_depends_on_seed_and_epoch(data_dir):
     assert not torch.equal(first, next(iter(loader))[1])
 
 
-@pytest.mark.parametrize("loader", ["tensor", "torchvision"])
+def ddp_rank_1(loader: ResumableLoader) -> ResumableLoader:
+    """The loader as Lightning remakes it for rank 1 of 2 under DDP."""
+    sampler = DistributedSamplerWrapper(loader.sampler, num_replicas=2, rank=1)
+    return ResumableLoader(
+        loader.dataset, loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn
+    )
+
+
+@pytest.mark.parametrize("loader", ["tensor", "torchvision", "ddp"])
 def test_the_train_loader_resumes_mid_epoch_where_it_stopped(data_dir, loader):
-    dm = MNISTDataModule(str(data_dir), loader=loader, seed=5)
+    dm = MNISTDataModule(
+        str(data_dir), loader="torchvision" if loader == "torchvision" else "tensor", seed=5
+    )
     dm.setup("fit")
-    first = dm.train_dataloader()
+    remake = ddp_rank_1 if loader == "ddp" else lambda dl: dl
+    first = remake(dm.train_dataloader())
     first.sampler.set_epoch(2)
     batches = iter(first)
     whole = [next(batches)[1] for _ in range(5)]
@@ -74,7 +93,7 @@ def test_the_train_loader_resumes_mid_epoch_where_it_stopped(data_dir, loader):
     state = first.state_dict()
     assert state == {"epoch": 2, "batches": 3}
 
-    again = dm.train_dataloader()  # a new process: a new loader, the checkpoint's state
+    again = remake(dm.train_dataloader())  # a new process: a new loader, the checkpoint's state
     again.load_state_dict(state)
     again.sampler.set_epoch(2)
     rng = torch.get_rng_state()
