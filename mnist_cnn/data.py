@@ -195,8 +195,10 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         # a generator: this runs at the first batch, after Lightning's set_epoch
         resume, self._resume = self._resume or {}, None
-        epoch = getattr(self.sampler, "epoch", 0)  # EpochSampler, or DDP's DistributedSampler
-        skip = resume.get("batches", 0) if resume.get("epoch") == epoch else 0
+        # EpochSampler or DDP's DistributedSampler; without an epoch (debug=overfit's sequential
+        # sampler) a state cannot tell its epoch from the next one, and the epoch starts again
+        epoch = getattr(self.sampler, "epoch", None)
+        skip = resume.get("batches", 0) if epoch is not None and resume.get("epoch") == epoch else 0
         self._place = {"epoch": epoch, "batches": 0}
         if skip:
             # the uninterrupted run drew the loader's seed from the global RNG at the epoch's

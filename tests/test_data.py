@@ -112,6 +112,9 @@ def test_a_resume_state_from_another_epoch_starts_the_epoch_from_its_beginning(d
     first = next(iter(loader))[1]
     loader.load_state_dict({"epoch": 3, "batches": 10})  # saved at the end of epoch 4
     assert torch.equal(next(iter(loader))[1], first)
+    sequential = ResumableLoader(loader.dataset, 64, collate_fn=loader.collate_fn)  # no epoch
+    sequential.load_state_dict({"epoch": None, "batches": 10})
+    assert torch.equal(next(iter(sequential))[1], loader.dataset.targets[:64])
 
 
 def copy_raw(data_dir, tmp_path, names=RAW_FILES):
