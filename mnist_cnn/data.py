@@ -200,12 +200,9 @@ class ResumableLoader(DataLoader):
         epoch = getattr(self.sampler, "epoch", None)
         skip = resume.get("batches", 0) if epoch is not None and resume.get("epoch") == epoch else 0
         self._place = {"epoch": epoch, "batches": 0}
-        if skip:
-            # the uninterrupted run drew the loader's seed from the global RNG at the epoch's
-            # start, before the checkpoint: drawing it again would shift dropout's numbers
-            with torch.random.fork_rng(devices=[]):
-                batches = super().__iter__()
-        else:
+        # resuming: the uninterrupted run drew the loader's seed from the global RNG at the
+        # epoch's start, before the checkpoint; drawing it again would shift dropout's numbers
+        with torch.random.fork_rng(devices=[], enabled=bool(skip)):
             batches = super().__iter__()
         for batch in batches:
             self._place["batches"] += 1
