@@ -125,30 +125,45 @@ class Diverged(RuntimeError):
 class GracefulStop(L.Callback):
     """Ctrl-C or SIGTERM: finish the current batch, save ``last.ckpt``, raise ``Interrupted``.
 
-    A second Ctrl-C aborts at once (Lightning's own KeyboardInterrupt handling, nothing saved).
+    A signal during validation or at an epoch's end lets them finish (metrics, checkpoints),
+    then stops after the next batch. A second Ctrl-C aborts at once (Lightning's own
+    KeyboardInterrupt handling, nothing saved). Under DDP, SIGTERM stays with Lightning, which
+    forwards it to every rank and stops them together between batches.
     """
 
     def __init__(self):
         self.signum: int | None = None
         self.checkpoint: str | None = None
-        self._previous = None
+        self._listening = False
         self._training = False
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+    def _listen(self, trainer) -> None:
+        # after Lightning sets its handlers (after on_fit_start): its teardown restores the
+        # originals, after an exception too. Its SIGTERM handling would stop mid-validation,
+        # and a resume from there skips the rest of that validation.
+        if self._listening or threading.current_thread() is not threading.main_thread():
+            return
+        self._listening = True
+        signal.signal(signal.SIGINT, self._on_signal)
+        if trainer.world_size == 1:
+            signal.signal(signal.SIGTERM, self._on_signal)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-    def _on_sigint(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
         self.signum = signum
-        log.warning("Ctrl-C: stopping after this batch (press again to abort without saving)")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: stopping after this batch (press again to abort without saving)")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        else:
+            log.warning("%s: stopping after this batch", signal.Signals(signum).name)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._listening = False
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._listen(trainer)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._listen(trainer)
         self._training = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -163,7 +178,7 @@ class GracefulStop(L.Callback):
             self.checkpoint = self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # Lightning raises SIGTERMException between batches (validation, epoch end): save there too
+        # under DDP Lightning raises SIGTERMException between batches: save there too
         if isinstance(exception, SIGTERMException) and self._training:
             self.signum = signal.SIGTERM
             self.checkpoint = self._save(trainer)

@@ -60,15 +60,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:  # Lightning's own stop between batches; GracefulStop saved
-        raise Interrupted(signal.SIGTERM, stop.checkpoint if stop else None) from None
-    if stop is not None and stop.signum is not None:  # Ctrl-C after the last batch: no test
-        raise Interrupted(stop.signum, stop.checkpoint)
+    except SIGTERMException:  # Lightning's own stop between batches (DDP); GracefulStop saved
+        saved = stop.checkpoint if stop else None
+        raise Interrupted(signal.SIGTERM, saved, trainer.global_step) from None
+    if stop is not None and stop.signum is not None:  # a signal after the last batch: no test
+        raise Interrupted(stop.signum, stop.checkpoint, trainer.global_step)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
+        try:
+            trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
+        except SIGTERMException:  # training is complete and saved: a resume runs the test
+            last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+            saved = str(last) if last.exists() else None
+            raise Interrupted(signal.SIGTERM, saved, trainer.global_step) from None
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
         log.info("test accuracy %.4f, test loss %.4f", metrics["test/acc"], metrics["test/loss"])
         if best:

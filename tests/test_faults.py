@@ -16,7 +16,7 @@ import yaml
 from conftest import FAST
 
 from mnist_cnn import ROOT
-from mnist_cnn.callbacks import Diverged, FiniteCheck, StepCheckpoint
+from mnist_cnn.callbacks import Diverged, FiniteCheck, Interrupted, StepCheckpoint
 from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
 from mnist_cnn.data import MNISTDataModule
 from mnist_cnn.module import MNISTClassifier
@@ -79,7 +79,8 @@ def test_a_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, data_dir, sig
     stopped = re.search(rf"Stopped by {sig.name} at step (\d+) \(saved (\S+)\)", out)
     assert stopped, out[-3000:]
     assert stopped[2] == str(run / "checkpoints" / "last.ckpt")
-    assert step(run / "checkpoints" / "last.ckpt") == int(stopped[1]) < 40  # nothing lost
+    # nothing lost; a signal during validation lets it finish, then stops after the next batch
+    assert step(run / "checkpoints" / "last.ckpt") == int(stopped[1]) <= 40
     assert f"Resume with: python -m mnist_cnn.train resume={run}" in out
     if sig != signal.SIGTERM:
         return
@@ -96,6 +97,59 @@ def test_a_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, data_dir, sig
     for path in run.rglob("*"):  # every checkpoint and exported file
         if path.suffix in (".ckpt", ".pt", ".pth"):
             torch.load(path, map_location="cpu", weights_only=True)
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM as the first validation or the test starts: between batches."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if (
+            self.stage == "validation"
+            and not trainer.sanity_checking
+            and trainer.current_epoch == 0
+        ):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        if self.stage == "test":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_during_validation_lets_it_finish_then_stops_after_the_next_batch(make_cfg):
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    cfg = make_cfg(
+        "trainer.max_epochs=2",
+        "+callbacks.term={_target_: test_faults.SigtermAt, stage: validation}",
+    )
+    with pytest.raises(Interrupted, match=r"Stopped by SIGTERM at step 6 ") as stopped:
+        train(cfg)  # 5 batches an epoch (debug=fast), validation of 2 batches
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert stopped.value.checkpoint == str(checkpoints / "last.ckpt")
+    assert step(checkpoints / "last.ckpt") == 6
+    assert len(list(checkpoints.glob("epoch000-*.ckpt"))) == 1  # epoch 1 validated and ranked
+    (first,) = load_checkpoint(checkpoints / "last.ckpt")["callbacks"]["EpochSummary"]["history"]
+    assert first["epoch"] == 1 and {"train/loss", "val/loss", "val/acc"} <= first.keys()
+
+    train(make_cfg("trainer.max_epochs=2", "resume=true"))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    state = load_checkpoint(checkpoints / "last.ckpt")
+    assert state["global_step"] == 10
+    history = state["callbacks"]["EpochSummary"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and "val/acc" in history[1]
+
+
+def test_a_sigterm_during_the_test_says_how_to_run_it_again(make_cfg):
+    cfg = make_cfg("+callbacks.term={_target_: test_faults.SigtermAt, stage: test}")
+    with pytest.raises(Interrupted, match=r"Stopped by SIGTERM at step 5 ") as stopped:
+        train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert stopped.value.checkpoint == str(last) and step(last) == 5
+    metrics = train(make_cfg("resume=true"))  # nothing left to train: the test runs
+    assert 0 <= metrics["test/acc"] <= 1 and step(last) == 5
 
 
 def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
