@@ -43,8 +43,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     check(cfg)
     ckpt_path = cfg.get("ckpt_path")
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if cfg.get("resume"):
-        ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+        ckpt_path = str(last)
     if ckpt_path:
         load_checkpoint(ckpt_path)  # a missing, damaged or foreign file stops here, clearly
     runinfo.record(cfg.paths.output_dir, resumed_from=ckpt_path)
@@ -72,7 +73,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         try:
             trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
         except SIGTERMException:  # training is complete and saved: a resume runs the test
-            last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
             saved = str(last) if last.exists() else None
             raise Interrupted(signal.SIGTERM, saved, trainer.global_step) from None
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
