@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -220,10 +221,16 @@ class FiniteCheck(L.Callback):
     @staticmethod
     def _message(trainer, pl_module, problem: str) -> str:
         optimizer = pl_module.hparams.get("optimizer") or {}
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        saved = folder is not None and any(Path(folder).glob("*.ckpt"))
+        kept = (
+            f"so the newest checkpoint in {folder} is the last good one"
+            if saved
+            else "and no checkpoint had been saved yet"
+        )
         return (
             f"Training diverged at epoch {trainer.current_epoch + 1}, step {trainer.global_step}: "
-            f"{problem}. Nothing was saved after this point, so the newest checkpoint in "
-            f"{getattr(trainer.checkpoint_callback, 'dirpath', None)} is the last good one. "
-            f"Lower the learning rate (model.optimizer.lr={optimizer.get('lr')}) or add a "
-            "scheduler, then start again or resume from that checkpoint."
+            f"{problem}. Nothing was saved after this point, {kept}. Lower the learning rate "
+            f"(model.optimizer.lr={optimizer.get('lr')}) or add a scheduler, then start again"
+            f"{' or resume from that checkpoint' if saved else ''}."
         )

@@ -1,6 +1,7 @@
-"""What a run dir records beside Hydra's ``.hydra/`` (resolved config, overrides): the git
-commit with a dirty flag, the package versions and the command line, once per start (a resumed
-run adds an entry), in ``<run dir>/run_info.yaml``.
+"""What a run dir records beside Hydra's ``.hydra/`` (the composed config, with its
+interpolations, and the overrides): once per start (a resumed run adds an entry), the command
+line, the git commit with a dirty flag, the package versions and the config with every
+interpolation resolved (e.g. the precision ``auto`` picked), in ``<run dir>/run_info.yaml``.
 
 >>> record("outputs/runs/<run>")  # doctest: +SKIP
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
 from mnist_cnn import ROOT
 
@@ -43,7 +45,7 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def info(resumed_from: str | None = None) -> dict:
+def info(resumed_from: str | None = None, config: dict | None = None) -> dict:
     """This process: when, the command line, the git commit and whether the tree is dirty."""
     status = _git("status", "--porcelain")
     return {
@@ -57,16 +59,21 @@ def info(resumed_from: str | None = None) -> dict:
         },
         "versions": versions(),
         "resumed_from": resumed_from,
+        "config": config,
     }
 
 
 @rank_zero_only  # DDP ranks share the run dir; one entry per start
-def record(run_dir: str | Path, resumed_from: str | None = None) -> Path | None:
-    """Append this start to ``<run_dir>/run_info.yaml`` (a list, oldest first); return its path."""
+def record(
+    run_dir: str | Path, resumed_from: str | None = None, cfg: DictConfig | None = None
+) -> Path | None:
+    """Append this start, with ``cfg`` resolved, to ``<run_dir>/run_info.yaml`` (a list, oldest
+    first); return its path."""
     path = Path(run_dir) / "run_info.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     starts = yaml.safe_load(path.read_text()) if path.is_file() else []
-    starts = [*(starts or []), info(resumed_from)]
+    config = None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
+    starts = [*(starts or []), info(resumed_from, config)]
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(yaml.safe_dump(starts, sort_keys=False))
     tmp.replace(path)

@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = str(last)
     if ckpt_path:
         load_checkpoint(ckpt_path)  # a missing, damaged or foreign file stops here, clearly
-    runinfo.record(cfg.paths.output_dir, resumed_from=ckpt_path)
+    runinfo.record(cfg.paths.output_dir, resumed_from=ckpt_path, cfg=cfg)
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)

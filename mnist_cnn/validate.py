@@ -143,10 +143,10 @@ def _explain(overrides: list, config_name: str, error: Exception) -> str:
         if plain and OmegaConf.select(cfg, o.key_or_group, default=_ABSENT) is _ABSENT:
             close = difflib.get_close_matches(o.key_or_group, known, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}? " if close else ""
+            add = "" if o.is_delete() else f"; to add a new key on purpose, write +{o.input_line}"
             return (
                 f"Unknown config key {o.key_or_group} (in {o.input_line}): {hint}"
-                f"`python -m mnist_cnn.train --cfg job` lists every key; to add a new key on "
-                f"purpose, write +{o.input_line}."
+                f"`python -m mnist_cnn.train --cfg job` lists every key{add}."
             )
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"Invalid override: {' '.join(lines[:3])}"

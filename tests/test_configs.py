@@ -63,6 +63,8 @@ def test_defaults_are_the_notebooks():
     assert cfg.trainer.accelerator == "auto"
     seed = compose_train("experiment=seed", "paths.output_dir=.")
     assert seed.trainer.max_epochs == 200 and seed.data.loader == "torchvision"
+    assert seed.trainer.precision == "32-true" and not seed.model.channels_last
+    assert not seed.model.optimizer.fused
 
 
 def test_data_dir_follows_the_environment_variable(monkeypatch, tmp_path):

@@ -9,7 +9,7 @@ import torch
 import yaml
 from test_faults import finish, start
 
-from mnist_cnn import runinfo
+from mnist_cnn import fast_precision, runinfo
 
 ARGS = ["trainer.deterministic=true", "trainer.max_epochs=2", "trainer.limit_train_batches=5"]
 ARGS += ["logger=csv", "seed=5"]
@@ -61,6 +61,9 @@ def test_each_run_dir_records_config_overrides_commit_versions_and_command(two_r
     (info,) = yaml.safe_load((run / "run_info.yaml").read_text())
     assert "-m mnist_cnn.train" in info["command"] and "seed=5" in info["command"]
     assert info["versions"]["torch"] == version("torch") and info["versions"]["lightning"]
+    # the config as it ran: Hydra's config.yaml keeps ${...}; here every value is resolved
+    assert info["config"]["seed"] == 5 and info["config"]["paths"]["output_dir"] == str(run)
+    assert info["config"]["trainer"]["precision"] == fast_precision("cpu")
     commit = runinfo._git("rev-parse", "HEAD")
     assert info["git"]["commit"] == commit
     if commit:  # a git checkout (CI clones one): the commit and whether the tree is dirty

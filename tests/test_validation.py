@@ -24,6 +24,7 @@ BAD = {
     "trainer.max_epochs=0": ["trainer.max_epochs=0", "an integer >= 1"],
     "trainer.max_epoch=3": ["trainer.max_epoch", "did you mean trainer.max_epochs?"],
     "data.batchsize=32": ["data.batchsize", "did you mean data.batch_size?"],
+    "~callbacks.export": ["callbacks.export", "did you mean callbacks.export_weights?"],
     "trainer=gpux": ["trainer=gpux", "cpu, default, gpu"],
 }
 
@@ -44,6 +45,7 @@ def test_each_bad_override_is_refused_with_key_value_and_what_is_allowed(bad):
         preflight([bad])
     for words in BAD[bad]:
         assert words in str(err.value)
+    assert "+~" not in str(err.value)  # no "add a new key" advice for a deletion
 
 
 def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path):
