@@ -38,6 +38,46 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def epochs_done(state: dict) -> int:
+    """How many training epochs a checkpoint has finished (a mid-epoch one: the epochs before)."""
+    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    return int(progress.get("current", {}).get("processed", state.get("epoch", 0)))
+
+
+def check_continuation(state: dict, path, max_epochs: int | None, resume: bool) -> None:
+    """Raise ``CheckpointError`` when training from ``state`` up to ``max_epochs`` cannot work:
+    Lightning restores the epoch count, so ``trainer.max_epochs`` counts from the first start."""
+    done = epochs_done(state)
+    if max_epochs is None or max_epochs < 0 or max_epochs > done or (resume and max_epochs == done):
+        return
+    if resume:
+        raise CheckpointError(
+            f"Cannot resume {path}: that run has trained {done} epochs, more than "
+            f"trainer.max_epochs={max_epochs}. The epochs count from the run's first start: "
+            f"pass trainer.max_epochs={done} or more (or leave it out)."
+        )
+    raise CheckpointError(
+        f"Nothing to train from {path}: it has already trained {done} epochs, and "
+        f"trainer.max_epochs={max_epochs} counts from the start of that training (Lightning "
+        f"restores the epoch count). Pass trainer.max_epochs={done + 1} or more to train more "
+        f"epochs, or test it with: python -m mnist_cnn.eval ckpt_path={path}"
+    )
+
+
+def check_weights(model: torch.nn.Module, state: dict, path) -> None:
+    """Raise ``CheckpointError`` when the checkpoint's weights do not fit ``model`` (a different
+    ``model.net``); on success ``model`` holds them."""
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        detail = (str(e).splitlines()[1:] or [str(e)])[0].strip().rstrip(".")  # the first one
+        raise CheckpointError(
+            f"Cannot train from checkpoint {path}: its weights do not fit the configured network "
+            f"({detail}). It was trained with model.net={state['hyper_parameters'].get('net')}: "
+            "pass the same model.net settings on the command line."
+        ) from None
+
+
 def load_model(path: str | Path, map_location="cpu") -> MNISTClassifier:
     """An ``MNISTClassifier`` in eval mode with the checkpoint's weights."""
     state = load_checkpoint(path, map_location)

@@ -19,7 +19,12 @@ from omegaconf import DictConfig
 
 from mnist_cnn import runinfo
 from mnist_cnn.callbacks import Diverged, GracefulStop, Interrupted
-from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
+from mnist_cnn.checkpoint import (
+    CheckpointError,
+    check_continuation,
+    check_weights,
+    load_checkpoint,
+)
 from mnist_cnn.data import DataError
 from mnist_cnn.validate import ConfigError, check, preflight
 
@@ -46,14 +51,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if cfg.get("resume"):
         ckpt_path = str(last)
-    if ckpt_path:
-        load_checkpoint(ckpt_path)  # a missing, damaged or foreign file stops here, clearly
+    state = load_checkpoint(ckpt_path) if ckpt_path else None  # missing, damaged or foreign
+    if state is not None:
+        check_continuation(state, ckpt_path, cfg.trainer.get("max_epochs"), bool(cfg.get("resume")))
     runinfo.record(cfg.paths.output_dir, resumed_from=ckpt_path, cfg=cfg)
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model, _recursive_=False)  # optimizer stays a config
+    if state is not None:
+        check_weights(model, state, ckpt_path)  # a checkpoint of another model.net stops here
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

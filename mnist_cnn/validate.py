@@ -180,15 +180,25 @@ def preflight(overrides: list[str], multirun: bool = False, config_name: str = "
             bad = [p for v in o.sweep_iterator() if (p := _problem(o.key_or_group, v))]
             if bad:
                 raise ConfigError(f"Invalid sweep {o.input_line}: {'; '.join(bad)}.")
+    if not cfg.get("resume") and not cfg.get("ckpt_path"):
+        return overrides
+    # torch: only with a checkpoint, which is checked before Hydra makes a run dir
+    from mnist_cnn.checkpoint import check_continuation, find_run, load_checkpoint
+
+    max_epochs = cfg.trainer.get("max_epochs")
     if not cfg.get("resume"):
+        check_continuation(load_checkpoint(cfg.ckpt_path), cfg.ckpt_path, max_epochs, False)
         return overrides
     if multirun:
         raise ConfigError("resume cannot be combined with a sweep (-m): resume one run at a time.")
-    from mnist_cnn.checkpoint import find_run, load_checkpoint  # torch: only when resuming
-
     run = find_run(cfg.paths.log_dir, cfg.resume).resolve()
-    load_checkpoint(run / "checkpoints" / "last.ckpt")  # a damaged file stops here, clearly
-    given = {o.key_or_group for o in task} | {"resume", "ckpt_path"}
+    last = run / "checkpoints" / "last.ckpt"
+    given = {o.key_or_group for o in task}
+    if "trainer.max_epochs" in given:  # else the old run's own max_epochs applies
+        check_continuation(load_checkpoint(last), last, max_epochs, True)
+    else:
+        load_checkpoint(last)  # a damaged file stops here, clearly
+    given |= {"resume", "ckpt_path"}
     old_file = run / ".hydra" / "overrides.yaml"
     old = yaml.safe_load(old_file.read_text()) if old_file.is_file() else []
     old_parsed = OverridesParser.create().parse_overrides(old or [])

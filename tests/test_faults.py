@@ -322,6 +322,7 @@ def test_the_cli_refuses_a_tampered_ckpt_path_and_a_damaged_last_ckpt(tmp_path, 
         assert code == 2 and "Traceback" not in out, out[-3000:]
         assert f"Cannot use checkpoint {path}: " in out and "ckpt_path=" in out
     assert not (tmp_path / "ran").exists()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["damaged"]  # no run dir made
 
 
 def test_lightnings_own_load_path_reads_weights_only(tmp_path, make_cfg):

@@ -4,6 +4,7 @@ import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_faults import finish, start
 
 from mnist_cnn.module import MNISTClassifier
 from mnist_cnn.train import train
@@ -64,6 +65,31 @@ def test_resume_from_last_ckpt_continues_the_epoch_count(make_cfg, tmp_path):
     assert state["epoch"] == 1 and state["global_step"] == 2 * first_step
     history = state["callbacks"]["EpochSummary"]["history"]
     assert [row["epoch"] for row in history] == [1, 2]
+
+
+def test_a_checkpoint_that_cannot_continue_is_refused_with_what_to_pass(
+    make_cfg, tmp_path, data_dir
+):
+    from mnist_cnn.checkpoint import CheckpointError, epochs_done
+
+    train(make_cfg("trainer.max_epochs=2", "test=false"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert epochs_done(torch.load(last, weights_only=True)) == 2
+    for epochs in (1, 2):  # Lightning raised on 1 and trained nothing on 2
+        with pytest.raises(CheckpointError, match="already trained 2 epochs.*max_epochs=3 or more"):
+            train(make_cfg(f"trainer.max_epochs={epochs}", f"ckpt_path={last}"))
+    with pytest.raises(CheckpointError, match="more than trainer.max_epochs=1.*max_epochs=2 or"):
+        train(make_cfg("trainer.max_epochs=1", "resume=true"))
+    with pytest.raises(CheckpointError, match=r"do not fit .*fc1.*model.net=\{.*'hidden': 1024"):
+        train(make_cfg("trainer.max_epochs=3", f"ckpt_path={last}", "model.net.hidden=16"))
+    # both refused before any work: the checkpoint is as it was
+    assert epochs_done(torch.load(last, weights_only=True)) == 2
+    # the CLI says it in one paragraph, exit 2, before Hydra makes a run dir
+    code, out = finish(start(tmp_path, data_dir, f"ckpt_path={last}", "trainer.max_epochs=2"))
+    assert code == 2 and "Traceback" not in out and "Nothing to train from" in out, out[-3000:]
+    assert not (tmp_path / "runs").exists()
+    # resume=true at its own end only runs the test (what a stop during the test needs)
+    assert "test/acc" in train(make_cfg("trainer.max_epochs=2", "resume=true"))
 
 
 @pytest.mark.slow
