@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -79,6 +80,22 @@ def _missing_data_message(data_dir: Path, problems: dict[str, str], cause: str) 
     )
 
 
+def _cannot_write(data_dir: Path, error: OSError) -> DataError:
+    """The error for a data folder that cannot be made or written, naming a file in its way."""
+    raw = data_dir / "MNIST" / "raw"
+    blocker = next((p for p in (raw, *raw.parents) if p.exists()), raw)
+    if not blocker.is_dir():
+        where = "it is" if blocker == data_dir else f"{blocker} is"
+        return DataError(
+            f"Cannot use the data folder {data_dir}: {where} a file, not a folder. Pass a folder "
+            "(it holds MNIST/raw/) with `data.data_dir=/path` or MNIST_DATA_DIR."
+        )
+    return DataError(
+        f"Cannot write to the data folder {data_dir} ({error.strerror}). Make it writable, or "
+        "point to another folder with `data.data_dir=/path` or MNIST_DATA_DIR."
+    )
+
+
 def prepare_mnist(data_dir: str | os.PathLike) -> Path:
     """Download or verify and extract MNIST under ``data_dir``; safe for concurrent processes."""
     data_dir = Path(data_dir)
@@ -88,10 +105,7 @@ def prepare_mnist(data_dir: str | os.PathLike) -> Path:
         lock = FileLock(str(data_dir / "MNIST" / ".prepare.lock"))
         lock.acquire(timeout=600)
     except OSError as e:
-        raise DataError(
-            f"Cannot write to the data folder {data_dir} ({e.strerror}). Make it writable, or "
-            "point to another folder with `data.data_dir=/path` or MNIST_DATA_DIR."
-        ) from None
+        raise _cannot_write(data_dir, e) from None
     try:
         bad = {n: p for n, (_, s, m) in RAW_FILES.items() if (p := _idx_problem(raw / n, s, m))}
         if not bad:
@@ -288,10 +302,42 @@ class MNISTDataModule(L.LightningDataModule):
         return x, y
 
 
+def copy_from(source: Path, data_dir: Path) -> None:
+    """``--from``: copy the four .gz files from ``source`` into ``data_dir/MNIST/raw``, each
+    checked by MD5 first (a damaged one is named and nothing is copied)."""
+    names = ", ".join(f"{n}.gz" for n in RAW_FILES)
+    found = {n: source / f"{n}.gz" for n in RAW_FILES if (source / f"{n}.gz").is_file()}
+    if not found:
+        what = "is not a folder" if source.exists() else "does not exist"
+        what = "holds none of" if source.is_dir() else f"{what}: it should hold"
+        raise DataError(
+            f"--from {source} {what} the four MNIST files {names}. Pass the folder that holds "
+            "them: --from /path/to/folder."
+        )
+    md5s = {n: _md5(src) for n, src in found.items()}
+    if damaged := [
+        f"{found[n]}: MD5 {m} instead of {RAW_FILES[n][0]}"
+        for n, m in md5s.items()
+        if m != RAW_FILES[n][0]
+    ]:
+        raise DataError(
+            f"Damaged in the --from folder (truncated or corrupted): {'; '.join(damaged)}. "
+            "Nothing was copied: copy the original file there again, then rerun."
+        )
+    raw = data_dir / "MNIST" / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        for name, src in found.items():
+            dst = raw / src.name
+            if not (dst.exists() and _md5(dst) == md5s[name]):
+                shutil.copyfile(src, dst)
+    except OSError as e:
+        raise _cannot_write(data_dir, e) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mnist_cnn.data [--from DIR]``: copy the four .gz files, verify and extract."""
     import argparse
-    import shutil
     import sys
 
     from mnist_cnn import ROOT
@@ -301,14 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=default_dir, help=f"default {default_dir}")
     parser.add_argument("--from", dest="source", help="a folder holding the four .gz files")
     args = parser.parse_args(argv)
-    raw = Path(args.data_dir) / "MNIST" / "raw"
     try:
         if args.source:
-            raw.mkdir(parents=True, exist_ok=True)
-            for name in RAW_FILES:
-                src, dst = Path(args.source) / f"{name}.gz", raw / f"{name}.gz"
-                if src.exists() and not (dst.exists() and _md5(dst) == _md5(src)):
-                    shutil.copyfile(src, dst)
+            copy_from(Path(args.source), Path(args.data_dir))
         raw = prepare_mnist(args.data_dir)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

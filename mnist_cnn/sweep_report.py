@@ -89,17 +89,37 @@ def checkpoint_metrics(path: Path) -> dict[str, float]:
     return metrics
 
 
+def _read_yaml(path: Path, kind: type):
+    """``path`` parsed (``kind()`` when empty); ``ValueError`` saying why it cannot be read."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:  # missing, not text, not YAML
+        why = getattr(e, "strerror", None) or getattr(e, "problem", None) or str(e)
+        if mark := getattr(e, "problem_mark", None):
+            why += f" at line {mark.line + 1}"
+        raise ValueError(f".hydra/{path.name}: {why}") from None
+    if not isinstance(data, kind | None):
+        raise ValueError(f".hydra/{path.name}: a {type(data).__name__}, not a {kind.__name__}")
+    return data or kind()
+
+
 def read_jobs(sweep_dir: Path) -> list[dict]:
-    """One dict per job: ``job`` (its dir name), ``overrides`` (key -> value) and ``metrics``."""
+    """One dict per job: ``job`` (its dir name), ``overrides`` (key -> value) and ``metrics``;
+    only ``job`` and ``error`` for a job whose ``.hydra/`` files cannot be read."""
     jobs = []
     for file in sweep_dir.glob("**/.hydra/overrides.yaml"):
         job = file.parent.parent
-        overrides = {}
-        for line in yaml.safe_load(file.read_text()) or []:
-            key, _, value = line.partition("=")
-            overrides[key.lstrip("+~")] = _value(value)
-        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}
         name = str(job.relative_to(sweep_dir))
+        try:
+            lines = _read_yaml(file, list)
+            config = _read_yaml(job / ".hydra" / "config.yaml", dict)
+        except ValueError as e:
+            jobs.append({"job": name, "error": str(e)})
+            continue
+        overrides = {}
+        for line in lines:
+            key, _, value = str(line).partition("=")
+            overrides[key.lstrip("+~")] = _value(value)
         jobs.append(
             {
                 "job": name,
@@ -126,15 +146,41 @@ def rank(jobs: list[dict]) -> list[dict]:
     )
 
 
+def not_a_sweep(folder: Path) -> str:
+    """Why ``folder`` (without Hydra's ``multirun.yaml``) is no sweep dir, and what to pass."""
+    fix = (
+        "Pass a sweep dir, outputs/multiruns/<date>_<time>_<id> (Hydra writes multirun.yaml "
+        "there), made by `python -m mnist_cnn.train -m key=value1,value2`."
+    )
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is a file, not a folder"
+    elif (folder / ".hydra").is_dir():
+        what = "is a single run (it has .hydra/ itself), not a sweep"
+        if (folder.parent / "multirun.yaml").is_file():
+            what, fix = "is one job of a sweep", f"Pass its sweep dir: {folder.parent}"
+    elif runs := list(folder.glob("*/.hydra")):
+        what = f"is a runs folder holding {len(runs)} runs, not a sweep (it has no multirun.yaml)"
+    elif sweeps := sorted(folder.glob("*/multirun.yaml")):
+        what, fix = "holds sweeps", f"Pass one of them, e.g. {sweeps[-1].parent}"
+    else:
+        what = "is not a sweep (it has no multirun.yaml)"
+    return f"{folder} {what}. {fix}"
+
+
 def write_report(sweep_dir: str | Path) -> str:
-    """Write the CSV, markdown and plot into ``sweep_dir``; return the markdown."""
+    """Write the CSV, markdown and plot into ``sweep_dir``; return the markdown. ``SweepError``
+    when it is no sweep dir (no ``multirun.yaml``, which Hydra writes into each)."""
     sweep_dir = Path(sweep_dir)
-    jobs = read_jobs(sweep_dir) if sweep_dir.is_dir() else []
+    if not (sweep_dir / "multirun.yaml").is_file():
+        raise SweepError(not_a_sweep(sweep_dir))
+    jobs = read_jobs(sweep_dir)
+    unreadable = [j for j in jobs if "error" in j]
+    jobs = [j for j in jobs if "error" not in j]
     if not jobs:
+        why = "; ".join(f"job {j['job']}: {j['error']}" for j in unreadable) or "none started"
         raise SweepError(
-            f"{sweep_dir} holds no sweep jobs (no <job>/.hydra/overrides.yaml below it). Pass a "
-            "sweep dir such as outputs/multiruns/<date>_<time>_<id>, made by "
-            "`python -m mnist_cnn.train -m key=value1,value2`."
+            f"{sweep_dir} holds no readable sweep job yet ({why}). Run this again once a job has "
+            "started (or its .hydra/ files are repaired), or pass another sweep dir."
         )
     jobs = rank(jobs)
     swept = swept_keys(jobs)
@@ -163,6 +209,9 @@ def write_report(sweep_dir: str | Path) -> str:
             "",
             f"No metrics yet (running, failed or not started): jobs {', '.join(missing)}.",
         ]
+    if unreadable:
+        listed = "; ".join(f"{j['job']} ({j['error']})" for j in unreadable)
+        lines += ["", f"Unreadable, not in the table: jobs {listed}."]
     markdown = "\n".join(lines) + "\n"
     (sweep_dir / "sweep_report.md").write_text(markdown)
     plot(jobs, swept, sweep_dir / "sweep_report.png")

@@ -162,11 +162,14 @@ def test_truncated_extracted_file_is_rebuilt_from_gz(data_dir, tmp_path):
     assert images.stat().st_size == RAW_FILES["t10k-images-idx3-ubyte"][1]
 
 
-def test_unwritable_data_dir_is_a_clear_error(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")  # fails for root too, unlike chmod
-    with pytest.raises(DataError, match="Cannot write to the data folder"):
-        prepare_mnist(blocker / "data")
+@pytest.mark.parametrize("data, words", [("a_file", ": it is"), ("a_file/data", "/a_file is")])
+def test_a_file_in_the_data_dirs_place_is_named(tmp_path, data, words):
+    (tmp_path / "a_file").write_text("not a folder")  # fails for root too, unlike chmod
+    with pytest.raises(DataError) as err:
+        prepare_mnist(tmp_path / data)
+    message = str(err.value)
+    assert f"{words} a file, not a folder. Pass a folder" in message, message
+    assert "data.data_dir=" in message and "writable" not in message
 
 
 def run_data_cli(*args):
@@ -261,9 +264,32 @@ def test_data_cli_rebuilds_a_damaged_extracted_file(data_dir, tmp_path):
     assert images.stat().st_size == RAW_FILES["t10k-images-idx3-ubyte"][1]
 
 
-def test_data_cli_reports_an_unwritable_data_dir(tmp_path):
+def test_data_cli_says_a_data_dir_that_is_a_file_is_no_folder(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    proc = run_data_cli("--data-dir", str(blocker / "data"))
-    assert proc.returncode == 2 and "Cannot write to the data folder" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    proc = run_data_cli("--data-dir", str(blocker))
+    assert proc.returncode == 2 and "it is a file, not a folder. Pass a folder" in proc.stderr
+    assert "Traceback" not in proc.stderr and "writable" not in proc.stderr
+
+
+@pytest.mark.parametrize("source", ["missing", "empty", "damaged"])
+def test_data_cli_names_a_bad_from_folder_and_copies_nothing(data_dir, tmp_path, source):
+    raw = copy_raw(data_dir, tmp_path / "data")  # a complete copy: --from must not damage it
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    src = tmp_path / "from"
+    if source != "missing":
+        src.mkdir()
+    if source == "damaged":
+        for name in RAW_FILES:
+            shutil.copy(raw / f"{name}.gz", src)
+        gz = src / "train-labels-idx1-ubyte.gz"
+        gz.write_bytes(gz.read_bytes()[:1000])  # truncated
+    proc = run_data_cli("--data-dir", str(tmp_path / "data"), "--from", str(src))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    problem, fix = {
+        "missing": (f"--from {src} does not exist", "Pass the folder that holds them"),
+        "empty": (f"--from {src} holds none of the four", "Pass the folder that holds them"),
+        "damaged": (f"(truncated or corrupted): {src}/train-labels", "copy the original file"),
+    }[source]
+    assert problem in proc.stderr and fix in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before

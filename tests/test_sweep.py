@@ -72,35 +72,58 @@ def test_grid_sweep_writes_a_report_best_first(grid):
     assert (sweep_dir / "sweep_report.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_report_cli_on_a_partial_sweep(grid, tmp_path):
+def report_cli(folder):
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_cnn.sweep_report", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_report_cli_on_a_partial_sweep_with_unreadable_jobs(grid, tmp_path):
     sweep_dir = shutil.copytree(grid[0], tmp_path / "sweep")
     for name in ("sweep_report.csv", "sweep_report.md", "sweep_report.png"):
         (sweep_dir / name).unlink()
     # job 1 as if it had just started: its config is written, no metrics logged yet
     for name in ("tensorboard", "checkpoints"):
         shutil.rmtree(sweep_dir / "1" / name)
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.sweep_report", str(sweep_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # job 2 without its config.yaml, job 3 with an overrides.yaml cut off mid-write
+    for job in ("2", "3"):
+        shutil.copytree(sweep_dir / "1" / ".hydra", sweep_dir / job / ".hydra")
+    (sweep_dir / "2" / ".hydra" / "config.yaml").unlink()
+    (sweep_dir / "3" / ".hydra" / "overrides.yaml").write_text("- model.optimizer.lr=0.1\n- 'deb")
+    proc = report_cli(sweep_dir)
     assert proc.returncode == 0, proc.stderr
     rows = report_rows(sweep_dir)
     assert [r["job"] for r in rows] == ["0", "1"] and rows[1]["val/acc_best"] == ""
     assert "No metrics yet (running, failed or not started): jobs 1" in proc.stdout
+    assert (
+        "Unreadable, not in the table: jobs 2 (.hydra/config.yaml: No such file or directory); "
+        "3 (.hydra/overrides.yaml: found unexpected end of stream at line 2)." in proc.stdout
+    )
     assert (sweep_dir / "sweep_report.png").exists()
 
 
-def test_report_cli_refuses_a_folder_that_is_no_sweep(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.sweep_report", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2
-    assert "holds no sweep jobs" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize(
+    "folder, what, fix",
+    [
+        ("empty", "is not a sweep (it has no multirun.yaml)", "Pass a sweep dir, outputs/multi"),
+        ("runs", "is a runs folder holding 2 runs, not a sweep", "Pass a sweep dir, outputs/multi"),
+        ("runs/0", "is a single run (it has .hydra/ itself), not a sweep", "Pass a sweep dir"),
+        ("sweep/0", "is one job of a sweep", "Pass its sweep dir: "),
+    ],
+)
+def test_report_cli_refuses_a_folder_that_is_no_sweep(grid, tmp_path, folder, what, fix):
+    (tmp_path / "empty").mkdir()
+    for job in ("0", "1"):  # real runs' .hydra/, as outputs/runs holds them
+        shutil.copytree(grid[0] / job / ".hydra", tmp_path / "runs" / job / ".hydra")
+    shutil.copytree(grid[0] / "0" / ".hydra", tmp_path / "sweep" / "0" / ".hydra")
+    shutil.copy(grid[0] / "multirun.yaml", tmp_path / "sweep")
+    proc = report_cli(tmp_path / folder)
+    assert proc.returncode == 2, proc.stdout
+    assert f"{tmp_path / folder} {what}" in proc.stderr and fix in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.rglob("sweep_report.*"))
 
 
 def test_submitit_local_runs_each_job_in_its_own_process_and_dir(tmp_path, data_dir):
