@@ -110,12 +110,17 @@ class RNGState(L.Callback):
 
 
 class Interrupted(Exception):
-    """Training was stopped by Ctrl-C or SIGTERM after saving ``checkpoint``."""
+    """Training was stopped by Ctrl-C or SIGTERM after saving ``checkpoint``; ``aborted``: by a
+    second Ctrl-C, without saving (``checkpoint``: the newest one from before)."""
 
-    def __init__(self, signum: int, checkpoint: str | None, step: int | None = None):
+    def __init__(self, signum: int, checkpoint: str | None, step: int | None = None, aborted=False):
         self.signum, self.checkpoint = signum, checkpoint
-        saved = f"saved {checkpoint}" if checkpoint else "nothing saved"
         at = f" at step {step}" if step is not None else ""
+        if aborted:
+            kept = f"{checkpoint}, saved earlier, is kept" if checkpoint else "none was saved"
+            super().__init__(f"Aborted by a second Ctrl-C{at}, without saving ({kept}).")
+            return
+        saved = f"saved {checkpoint}" if checkpoint else "nothing saved"
         super().__init__(f"Stopped by {signal.Signals(signum).name}{at} ({saved}).")
 
 

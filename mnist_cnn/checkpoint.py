@@ -16,25 +16,30 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or not one of ours; the message says what to do."""
 
 
-def _fail(path, problem: str) -> CheckpointError:
-    return CheckpointError(
-        f"Cannot use checkpoint {path}: {problem}. Pass a .ckpt written by `python -m "
-        "mnist_cnn.train` (outputs/runs/<run>/checkpoints/last.ckpt or the best epoch*.ckpt) "
-        "with ckpt_path=/path/to/file.ckpt."
-    )
+FIX = (
+    "Pass a .ckpt written by `python -m mnist_cnn.train` (outputs/runs/<run>/checkpoints/"
+    "last.ckpt or the best epoch*.ckpt) with ckpt_path=/path/to/file.ckpt."
+)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """The checkpoint dict, read with ``weights_only=True`` (no code from the file runs)."""
+def _fail(path, problem: str, fix: str = FIX) -> CheckpointError:
+    return CheckpointError(f"Cannot use checkpoint {path}: {problem}. {fix}")
+
+
+def load_checkpoint(path: str | Path, map_location="cpu", fix: str = FIX) -> dict:
+    """The checkpoint dict, read with ``weights_only=True`` (no code from the file runs); a
+    ``CheckpointError`` that ends with ``fix`` when it is missing, damaged or not ours."""
     path = Path(path)
+    if path.is_dir():
+        raise _fail(path, "it is a folder, not a file", fix)
     if not path.is_file():
-        raise _fail(path, "no such file")
+        raise _fail(path, "no such file", fix)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights-only errors all mean "not a usable checkpoint"
-        raise _fail(path, f"it is not a readable checkpoint ({type(e).__name__})") from None
+        raise _fail(path, f"it is not a readable checkpoint ({type(e).__name__})", fix) from None
     if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
-        raise _fail(path, "it holds no Lightning state_dict and hyper_parameters")
+        raise _fail(path, "it holds no Lightning state_dict and hyper_parameters", fix)
     return state
 
 
@@ -64,9 +69,18 @@ def check_continuation(state: dict, path, max_epochs: int | None, resume: bool) 
     )
 
 
-def check_weights(model: torch.nn.Module, state: dict, path) -> None:
+def check_weights(model: MNISTClassifier, state: dict, path) -> None:
     """Raise ``CheckpointError`` when the checkpoint's weights do not fit ``model`` (a different
-    ``model.net``); on success ``model`` holds them."""
+    ``model.net``) or its optimizer state is another optimizer's; on success ``model`` holds
+    the weights."""
+    saved = (state["hyper_parameters"].get("optimizer") or {}).get("_target_")
+    wanted = model.hparams.optimizer.get("_target_")
+    if saved and saved != wanted:
+        raise CheckpointError(
+            f"Cannot train from checkpoint {path}: it holds the state of {saved}, and "
+            f"model.optimizer is {wanted}. Training from a checkpoint restores its optimizer: "
+            f"pass model.optimizer._target_={saved}, or train a new run without ckpt_path."
+        )
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as e:

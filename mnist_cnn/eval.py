@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from mnist_cnn.checkpoint import CheckpointError, load_model
 from mnist_cnn.data import DataError
-from mnist_cnn.validate import ConfigError, check
+from mnist_cnn.validate import ConfigError, check, run_checked
 
 log = logging.getLogger(__name__)
 
@@ -48,4 +48,4 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_checked(main, "eval")

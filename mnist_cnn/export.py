@@ -11,7 +11,9 @@ Loading ``model.pt`` needs torch and this package's ``build_cnn`` only:
 """
 
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -21,7 +23,7 @@ from omegaconf import DictConfig
 
 from mnist_cnn.checkpoint import CheckpointError, load_checkpoint, load_model
 from mnist_cnn.model import build_cnn
-from mnist_cnn.validate import ConfigError
+from mnist_cnn.validate import ConfigError, run_checked
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,26 @@ def weights(checkpoint: dict) -> dict:
     return {"state_dict": state, "net": net}
 
 
+@contextmanager
+def writing(path: Path):
+    """Yields ``<path>.partial`` to write; renamed to ``path`` when the block succeeds, removed
+    when it fails, so ``path`` is never half-written. Raises ``OSError`` up front when ``path``'s
+    folder cannot be written."""
+    partial = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial.touch()
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def save_weights(checkpoint: dict, path: str | Path) -> Path:
     """Write ``weights(checkpoint)`` to ``path`` with ``torch.save``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(weights(checkpoint), path)
+    with writing(path) as partial:
+        torch.save(weights(checkpoint), partial)
     return path
 
 
@@ -108,8 +125,22 @@ def export(cfg: DictConfig) -> Path:
         )
     ckpt = Path(cfg.ckpt_path)
     output = Path(cfg.output) if cfg.get("output") else ckpt.with_suffix(f".{cfg.format}")
+    if output.exists() and ckpt.exists() and output.samefile(ckpt):
+        default = (
+            "" if cfg.get("output") else f" (by default, the checkpoint's name with .{cfg.format})"
+        )
+        raise ConfigError(
+            f"The output {output}{default} would replace the checkpoint {ckpt} itself. Pass "
+            f"another file: output=other.{cfg.format}"
+        )
+    if output.is_dir():
+        raise _cannot_write(output, "it is a folder", cfg.format)
     if cfg.format == "pt":
-        save_weights(load_checkpoint(ckpt), output)
+        checkpoint = load_checkpoint(ckpt)
+        try:
+            save_weights(checkpoint, output)
+        except OSError as e:
+            raise _cannot_write(output, e, cfg.format) from None
         print(f"wrote {output}")
         return output
     try:
@@ -120,10 +151,24 @@ def export(cfg: DictConfig) -> Path:
             f"format=onnx needs the onnx extra ({e.name} is not installed): "
             "pip install -e '.[onnx]'"
         ) from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    diff = export_onnx(load_model(ckpt).net, output)
+    net = load_model(ckpt).net
+    try:
+        with writing(output) as partial:
+            diff = export_onnx(net, partial)
+    except OSError as e:
+        raise _cannot_write(output, e, cfg.format) from None
     print(f"wrote {output} (ONNX Runtime vs PyTorch: max abs diff {diff:.1e})")
     return output
+
+
+def _cannot_write(output: Path, why: OSError | str, fmt: str) -> ConfigError:
+    """The error for an output that cannot be written, naming a file in its way."""
+    blocker = next((p for p in output.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        why = f"{blocker} is a file, not a folder"
+    elif isinstance(why, OSError):
+        why = why.strerror or str(why)
+    return ConfigError(f"Cannot write {output}: {why}. Pass output=/a/writable/file.{fmt}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
@@ -136,4 +181,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_checked(main, "export")

@@ -6,7 +6,8 @@ python -m mnist_cnn.predict ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt \
 Each image: grayscale; inverted when the background is light (MNIST is light ink on black);
 cropped to the ink; scaled to fit a 20x20 box, keeping its aspect ratio; placed in 28x28 with
 its centre of mass in the middle. Prints ``file  digit  probability`` per image; a missing or
-unreadable file is reported by name on stderr and the others still run (exit status 1).
+unreadable file, or a folder with no images, is reported by name on stderr and the others still
+run (exit status 1).
 
 >>> preprocess(Image.open("digit.png")).shape  # doctest: +SKIP
 torch.Size([1, 28, 28])
@@ -24,11 +25,16 @@ from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
 from mnist_cnn.checkpoint import CheckpointError, load_model
-from mnist_cnn.validate import ConfigError
+from mnist_cnn.validate import ConfigError, run_checked
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {s for s, f in Image.registered_extensions().items() if f in Image.OPEN}
+COMMON_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+LOOKED_FOR = (  # what a folder with no images is told
+    f"looked for names ending in {', '.join(COMMON_SUFFIXES)} or one of the "
+    f"{len(IMAGE_SUFFIXES - set(COMMON_SUFFIXES))} other suffixes Pillow reads"
+)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -74,12 +80,14 @@ def preprocess(image: Image.Image, ink: float = 0.2) -> torch.Tensor:
 
 
 def expand(inputs: list[str]) -> list[Path]:
-    """Files as given (missing ones too, to be reported); a folder gives its images, sorted."""
+    """Files as given (missing ones too, to be reported); a folder gives its images, sorted, or
+    itself when it holds none (to be reported)."""
     paths = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += images or [path]
         else:
             paths.append(path)
     return paths
@@ -97,6 +105,9 @@ def predict(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
     model = load_model(cfg.ckpt_path)
     images, files, failures = [], [], []
     for path in expand([str(i) for i in inputs]):
+        if path.is_dir():
+            failures.append({"file": str(path), "error": f"a folder with no images ({LOOKED_FOR})"})
+            continue
         try:
             images.append(preprocess(load_image(path)))
             files.append(str(path))
@@ -129,4 +140,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_checked(main, "predict")

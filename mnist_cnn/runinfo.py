@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_cnn import ROOT
 
+PENDING = ".hydra/pending"  # a resume's Hydra files, until the run starts (validate.preflight)
 PACKAGES = ("mnist_cnn", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core")
 PACKAGES += ("omegaconf", "numpy", "tensorboard")
 
@@ -78,3 +79,14 @@ def record(
     tmp.write_text(yaml.safe_dump(starts, sort_keys=False))
     tmp.replace(path)
     return path
+
+
+@rank_zero_only
+def commit_hydra_files(run_dir: str | Path) -> None:
+    """Move a resume's ``.hydra/pending/*.yaml`` over ``.hydra/*.yaml`` once the run starts, so a
+    resume that fails its checks leaves the run's config and overrides as they were."""
+    pending = Path(run_dir) / PENDING
+    for file in pending.glob("*.yaml"):
+        file.replace(pending.parent / file.name)
+    if pending.is_dir():
+        pending.rmdir()

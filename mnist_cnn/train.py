@@ -26,7 +26,7 @@ from mnist_cnn.checkpoint import (
     load_checkpoint,
 )
 from mnist_cnn.data import DataError
-from mnist_cnn.validate import ConfigError, check, preflight
+from mnist_cnn.validate import ConfigError, check, run_checked
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,29 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [
         hydra.utils.instantiate(c) for c in entries if isinstance(c, DictConfig) and "_target_" in c
     ]
+
+
+def make_model(cfg: DictConfig) -> L.LightningModule:
+    """The module; its optimizer and scheduler stay configs (``configure_optimizers`` builds
+    them), so their classes are looked up here, before any work."""
+    model = hydra.utils.instantiate(cfg.model, _recursive_=False)
+    for part in ("optimizer", "scheduler"):
+        if cfg.model.get(part):
+            hydra.utils.get_method(cfg.model[part]._target_)
+    return model
+
+
+def build(group: str, make):
+    """``make()``, with an error raised while building the ``group`` config (a bad ``_target_``,
+    an argument the class refuses, no GPU for trainer.accelerator=gpu) as a ``ConfigError``."""
+    try:
+        return make()
+    except Exception as e:  # Hydra wraps the class's own error, which names the problem
+        words = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ConfigError(
+            f"Cannot build {group} from the config: {words}. Fix the {group}.* override on the "
+            f"command line or in conf/{group}/ (python -m mnist_cnn.train --cfg job shows them)."
+        ) from None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -54,17 +77,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     state = load_checkpoint(ckpt_path) if ckpt_path else None  # missing, damaged or foreign
     if state is not None:
         check_continuation(state, ckpt_path, cfg.trainer.get("max_epochs"), bool(cfg.get("resume")))
-    runinfo.record(cfg.paths.output_dir, resumed_from=ckpt_path, cfg=cfg)
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model, _recursive_=False)  # optimizer stays a config
+    datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data))
+    model = build("model", lambda: make_model(cfg))
     if state is not None:
-        check_weights(model, state, ckpt_path)  # a checkpoint of another model.net stops here
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        check_weights(model, state, ckpt_path)  # another model.net or optimizer stops here
+    callbacks = build("callbacks", lambda: instantiate_group(cfg.get("callbacks")))
+    loggers = build("logger", lambda: instantiate_group(cfg.get("logger")))
+    trainer = build(
+        "trainer",
+        lambda: hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False),
+    )
+    runinfo.record(cfg.paths.output_dir, resumed_from=ckpt_path, cfg=cfg)  # the run starts
+    runinfo.commit_hydra_files(cfg.paths.output_dir)
 
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
     try:
@@ -72,6 +99,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except SIGTERMException:  # Lightning's own stop between batches (DDP); GracefulStop saved
         saved = stop.checkpoint if stop else None
         raise Interrupted(signal.SIGTERM, saved, trainer.global_step) from None
+    except SystemExit:  # Lightning exits so after a second Ctrl-C, which aborts without saving
+        if stop is None or stop.signum != signal.SIGINT:
+            raise
+        saved = str(last) if last.exists() else None
+        raise Interrupted(signal.SIGINT, saved, trainer.global_step, aborted=True) from None
     if stop is not None and stop.signum is not None:  # a signal after the last batch: no test
         raise Interrupted(stop.signum, stop.checkpoint, trainer.global_step)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -111,25 +143,5 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric"))
 
 
-# flags the check works with; any other (--cfg, --help, --config-name, ...) goes straight to Hydra
-_PLAIN_FLAGS = {"-m", "--multirun", "-r", "--run"}
-
-
-def cli(argv: list[str] | None = None) -> None:
-    """``python -m mnist_cnn.train``: check the overrides (and find the run to resume) before
-    Hydra starts a run, then run ``main``. A bad override exits with status 2, no traceback."""
-    argv = sys.argv[1:] if argv is None else argv
-    flags = [a for a in argv if a.startswith("-")]
-    if all(f in _PLAIN_FLAGS for f in flags):
-        overrides = [a for a in argv if not a.startswith("-")]
-        try:
-            overrides = preflight(overrides, multirun=bool({"-m", "--multirun"} & set(flags)))
-        except (ConfigError, CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        sys.argv = [sys.argv[0], *flags, *overrides]
-    main()
-
-
 if __name__ == "__main__":
-    cli()
+    run_checked(main, "train")

@@ -31,7 +31,7 @@ from mnist_cnn.callbacks import Diverged, Interrupted
 from mnist_cnn.checkpoint import CheckpointError
 from mnist_cnn.data import DataError
 from mnist_cnn.train import train
-from mnist_cnn.validate import ConfigError
+from mnist_cnn.validate import ConfigError, run_checked
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,20 @@ def open_study(cfg: DictConfig) -> optuna.Study:
 def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Run trials until the study has ``tune.n_trials`` finished ones; save and return the best
     (``best.yaml``: trial, value, params, command). ``overrides``: the command line's."""
+    searched = {spec.key: name for name, spec in cfg.search_space.items()}
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if o.key_or_group in searched:
+            name = searched[o.key_or_group]
+            raise TuneError(
+                f"{o.input_line} sets a key that search_space.{name} searches, so every trial "
+                f"would replace it. To fix it, also drop that dimension (~search_space.{name}), "
+                f"or change its range instead (search_space.{name}.low=..., .high=... or "
+                ".choices=[...])."
+            )
     study = open_study(cfg)
     out = Path(cfg.tune.dir)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged below
+    # trials are logged below; Optuna's own warnings would print a failed trial's traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     def objective(trial: optuna.Trial) -> float:
         params = {s.key: suggest(trial, s.key, s) for s in cfg.search_space.values()}
@@ -155,6 +166,9 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             metrics = train(trial_config(cfg, params, run_dir, trial.number))
         except optuna.TrialPruned as e:
             log.info("trial %d %s", trial.number, e)
+            raise
+        except Diverged as e:  # caught by study.optimize: the search goes on
+            log.warning("trial %d failed: %s", trial.number, e)
             raise
         finally:
             del _RUNNING[trial.number]
@@ -225,4 +239,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_checked(main, "tune")

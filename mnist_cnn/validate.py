@@ -13,11 +13,12 @@ Invalid config: data.batch_size=0 (allowed: an integer >= 1
 """
 
 import difflib
+import sys
 
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mnist_cnn import CONFIG_DIR
 
@@ -32,6 +33,10 @@ def _int(low: int):
 
 def _number(test):
     return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and test(v)
+
+
+def _channels(v) -> bool:
+    return isinstance(v, list | ListConfig) and len(v) == 2 and all(_int(1)(c) for c in v)
 
 
 # Lightning's AcceleratorRegistry names plus "auto" and "gpu" (a test keeps them in step);
@@ -62,6 +67,22 @@ RULES = {
         "model.label_smoothing=0.1",
     ),
     "model.net.hidden": (_int(1), "an integer >= 1", "model.net.hidden=1024"),
+    "model.net.channels": (
+        _channels,
+        "two integers >= 1, conv1's and conv2's",
+        "'model.net.channels=[32,64]'",
+    ),
+    "model.net.kernel_size": (_int(1), "an integer >= 1", "model.net.kernel_size=5"),
+    "model.optimizer": (
+        lambda v: False,  # only a config with a _target_ passes
+        "a config with _target_",
+        "model.optimizer._target_=torch.optim.AdamW",
+    ),
+    "model.scheduler": (
+        lambda v: v is None,
+        "null or a config with _target_, as in conf/experiment/best.yaml",
+        "",
+    ),
     "trainer.max_epochs": (_int(1), "an integer >= 1", "trainer.max_epochs=20"),
     "trainer.accelerator": (lambda v: v in ACCELERATORS, " or ".join(ACCELERATORS), ""),
     "trainer.precision": (
@@ -79,6 +100,12 @@ RULES = {
         lambda v: v is None or _int(1)(v),
         "null or an integer >= 1 (training steps between saves of last.ckpt)",
         "callbacks.step_checkpoint.every_n_train_steps=200",
+    ),
+    "tune.n_trials": (_int(1), "an integer >= 1", "tune.n_trials=30"),
+    "tune.direction": (
+        lambda v: v in ("maximize", "minimize"),
+        "maximize or minimize",
+        "tune.direction=maximize",
     ),
     "resume": (
         lambda v: isinstance(v, bool) or (isinstance(v, str) and v != ""),
@@ -137,16 +164,16 @@ def _explain(overrides: list, config_name: str, error: Exception) -> str:
     groups = [o.input_line for o in overrides if (CONFIG_DIR / o.key_or_group).is_dir()]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name, overrides=groups)
-    known = _keys(cfg)
+    known = [k for k in _keys(cfg) if not k.rsplit(".", 1)[-1].startswith("_")]  # no _target_
     for o in overrides:
         plain = not (o.is_add() or o.is_force_add() or (CONFIG_DIR / o.key_or_group).is_dir())
         if plain and OmegaConf.select(cfg, o.key_or_group, default=_ABSENT) is _ABSENT:
-            close = difflib.get_close_matches(o.key_or_group, known, n=1, cutoff=0.6)
+            close = difflib.get_close_matches(o.key_or_group, known, n=1, cutoff=0.75)
             hint = f"did you mean {close[0]}? " if close else ""
             add = "" if o.is_delete() else f"; to add a new key on purpose, write +{o.input_line}"
             return (
                 f"Unknown config key {o.key_or_group} (in {o.input_line}): {hint}"
-                f"`python -m mnist_cnn.train --cfg job` lists every key{add}."
+                f"`python -m mnist_cnn.{config_name} --cfg job` lists every key{add}."
             )
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"Invalid override: {' '.join(lines[:3])}"
@@ -163,6 +190,12 @@ def preflight(overrides: list[str], multirun: bool = False, config_name: str = "
     except Exception:  # a syntax error: Hydra reports it itself, with its grammar
         return overrides
     task = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    sweeps = [o.input_line for o in task if o.is_sweep_override()]
+    if sweeps and not multirun:
+        raise ConfigError(
+            f"{sweeps[0]} is a sweep (one job per value): add -m to run it, or quote a list "
+            f"value as '{sweeps[0].split('=', 1)[0]}=[...]'."
+        )
     first = [  # a sweep is composed with its first value; every value is checked below
         f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
         if o.is_sweep_override()
@@ -180,10 +213,11 @@ def preflight(overrides: list[str], multirun: bool = False, config_name: str = "
             bad = [p for v in o.sweep_iterator() if (p := _problem(o.key_or_group, v))]
             if bad:
                 raise ConfigError(f"Invalid sweep {o.input_line}: {'; '.join(bad)}.")
-    if not cfg.get("resume") and not cfg.get("ckpt_path"):
+    if config_name != "train" or not (cfg.get("resume") or cfg.get("ckpt_path")):
         return overrides
     # torch: only with a checkpoint, which is checked before Hydra makes a run dir
     from mnist_cnn.checkpoint import check_continuation, find_run, load_checkpoint
+    from mnist_cnn.runinfo import PENDING
 
     max_epochs = cfg.trainer.get("max_epochs")
     if not cfg.get("resume"):
@@ -194,10 +228,12 @@ def preflight(overrides: list[str], multirun: bool = False, config_name: str = "
     run = find_run(cfg.paths.log_dir, cfg.resume).resolve()
     last = run / "checkpoints" / "last.ckpt"
     given = {o.key_or_group for o in task}
+    fix = "Resume another run (resume=outputs/runs/<run>), or start a new run from this one's best"
+    state = load_checkpoint(
+        last, fix=f"{fix} checkpoint: ckpt_path={run}/checkpoints/<epoch>.ckpt."
+    )
     if "trainer.max_epochs" in given:  # else the old run's own max_epochs applies
-        check_continuation(load_checkpoint(last), last, max_epochs, True)
-    else:
-        load_checkpoint(last)  # a damaged file stops here, clearly
+        check_continuation(state, last, max_epochs, True)
     given |= {"resume", "ckpt_path"}
     old_file = run / ".hydra" / "overrides.yaml"
     old = yaml.safe_load(old_file.read_text()) if old_file.is_file() else []
@@ -206,4 +242,31 @@ def preflight(overrides: list[str], multirun: bool = False, config_name: str = "
     if any(o.key_or_group == "hydra.run.dir" for o in parsed):  # e.g. a DDP rank's own copy
         return [*kept, *overrides]
     quoted = str(run).replace("\\", "\\\\").replace("'", "\\'")
-    return [*kept, *overrides, f"hydra.run.dir='{quoted}'"]
+    # Hydra's files go to .hydra/pending until the run starts (runinfo.commit_hydra_files):
+    # a resume that fails its checks leaves the run's config and overrides as they were
+    return [*kept, *overrides, f"hydra.run.dir='{quoted}'", f"hydra.output_subdir={PENDING}"]
+
+
+# flags the check works with; any other (--cfg, --help, --config-name, ...) goes straight to Hydra
+_PLAIN_FLAGS = {"-m", "--multirun", "-r", "--run"}
+
+
+def run_checked(main, config_name: str, argv: list[str] | None = None) -> None:
+    """``python -m mnist_cnn.<config_name>``: check the overrides (and find the run to resume)
+    before Hydra starts, then run the ``@hydra.main`` function ``main``. A bad override exits
+    with status 2 and one line, no traceback."""
+    from mnist_cnn.checkpoint import CheckpointError
+
+    argv = sys.argv[1:] if argv is None else argv
+    flags = [a for a in argv if a.startswith("-")]
+    if all(f in _PLAIN_FLAGS for f in flags):
+        overrides = [a for a in argv if not a.startswith("-")]
+        try:
+            overrides = preflight(
+                overrides, bool({"-m", "--multirun"} & set(flags)), config_name=config_name
+            )
+        except (ConfigError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        sys.argv = [sys.argv[0], *flags, *overrides]
+    main()

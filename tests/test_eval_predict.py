@@ -112,11 +112,13 @@ def test_predict_reports_missing_and_unreadable_files_and_classifies_the_rest(
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     (tmp_path / "cut.png").write_bytes(good.read_bytes()[:200])  # a truncated download
     (tmp_path / "notes.txt").write_text("not an image, and not an image suffix")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "scan.pdf").write_bytes(b"%PDF-1.4")
 
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
-    proc = cli(
-        "predict", f"ckpt_path={ckpt}", f"inputs=[{tmp_path},{tmp_path}/gone.png]", cwd=tmp_path
-    )
+    inputs = f"inputs=[{tmp_path},{tmp_path}/gone.png,{tmp_path}/empty,{tmp_path}/no_images]"
+    proc = cli("predict", f"ckpt_path={ckpt}", inputs, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     (line,) = proc.stdout.splitlines()
     file, digit_out, probability = line.split("\t")
@@ -124,6 +126,9 @@ def test_predict_reports_missing_and_unreadable_files_and_classifies_the_rest(
     errors = proc.stderr.splitlines()
     for name in ("corrupt.png", "cut.png", "gone.png"):
         assert sum(name in e and e.startswith("error: ") for e in errors) == 1, (name, errors)
+    for folder in ("empty", "no_images"):  # named, with the suffixes looked for
+        (error,) = [e for e in errors if e.startswith(f"error: {tmp_path / folder}: ")]
+        assert "no images" in error and ".png" in error and ".jpg" in error, error
     assert "notes.txt" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
 
 

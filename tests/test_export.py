@@ -1,5 +1,7 @@
 """model.pt (weights without Lightning) from a real run, and python -m mnist_cnn.export to ONNX."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -7,12 +9,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import compose_train, tiny_cfg
 from torchvision.datasets import MNIST
 
+from mnist_cnn import export as exporter
 from mnist_cnn.checkpoint import load_model
 from mnist_cnn.model import build_cnn
 from mnist_cnn.train import train
+from mnist_cnn.validate import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +98,41 @@ def test_export_pt_equals_the_runs_model_pt_and_bad_requests_exit_2(run, tmp_pat
         proc = export(*args, cwd=tmp_path)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 2 and words in output and "Traceback" not in output, output
+
+
+def test_export_never_overwrites_its_checkpoint_and_names_an_unwritable_output(run, tmp_path):
+    _, best = run
+    ckpt = tmp_path / "copy.pt"  # a checkpoint named .pt: format=pt's default output is itself
+    shutil.copy(best, ckpt)
+    original = ckpt.read_bytes()
+    proc = export(f"ckpt_path={ckpt}", "format=pt", cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in output, output
+    assert f"{ckpt} (by default" in output and "would replace the checkpoint" in output
+    assert "output=other.pt" in output
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    (tmp_path / "link.pt").symlink_to(ckpt)
+    for fmt, out, words in (
+        ("pt", ckpt, "would replace the checkpoint"),
+        ("pt", tmp_path / "link.pt", "would replace the checkpoint"),  # a link to it
+        ("pt", "/proc/m.pt", "Cannot write /proc/m.pt: No such file or directory."),
+        ("pt", a_file / "m.pt", f"Cannot write {a_file}/m.pt: {a_file} is a file, not a folder."),
+        ("pt", tmp_path, f"Cannot write {tmp_path}: it is a folder."),
+        ("onnx", "/proc/m.onnx", "Cannot write /proc/m.onnx: No such file or directory."),
+    ):
+        cfg = compose_train(
+            f"ckpt_path={ckpt}", f"format={fmt}", f"output={out}", config_name="export"
+        )
+        with pytest.raises(ConfigError) as err:
+            exporter.export(cfg)
+        assert words in str(err.value) and "output=" in str(err.value), str(err.value)
+    assert ckpt.read_bytes() == original
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "copy.pt", "link.pt"]  # no partial file
+
+    # another existing file is replaced, as cp would
+    exporter.export(
+        compose_train(f"ckpt_path={ckpt}", "format=pt", f"output={a_file}", config_name="export")
+    )
+    assert torch.load(a_file, weights_only=True).keys() == {"state_dict", "net"}

@@ -142,6 +142,31 @@ def test_a_sigterm_during_validation_lets_it_finish_then_stops_after_the_next_ba
     assert [h["epoch"] for h in history] == [1, 2] and "val/acc" in history[1]
 
 
+class TwoCtrlCAt(L.Callback):
+    """Presses Ctrl-C twice as batch ``batch_idx`` of epoch 2 starts."""
+
+    def __init__(self, batch_idx: int):
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == self.batch_idx:
+            os.kill(os.getpid(), signal.SIGINT)  # GracefulStop: stop after this batch
+            os.kill(os.getpid(), signal.SIGINT)  # abort now
+
+
+def test_a_second_ctrl_c_aborts_without_saving_and_keeps_the_last_ckpt(make_cfg):
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    cfg = make_cfg(
+        "trainer.max_epochs=2", "+callbacks.c={_target_: test_faults.TwoCtrlCAt, batch_idx: 2}"
+    )
+    with pytest.raises(Interrupted, match="Aborted by a second Ctrl-C at step 7, without saving"):
+        train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert step(last) == 5  # epoch 1's, as it was
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    assert train(make_cfg("trainer.max_epochs=2", "resume=true", "test=false"))  # resumes
+
+
 def test_a_sigterm_during_the_test_says_how_to_run_it_again(make_cfg):
     cfg = make_cfg("+callbacks.term={_target_: test_faults.SigtermAt, stage: test}")
     with pytest.raises(Interrupted, match=r"Stopped by SIGTERM at step 5 ") as stopped:

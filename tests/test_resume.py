@@ -34,10 +34,17 @@ def test_a_run_stopped_after_epoch_1_and_resumed_equals_an_uninterrupted_run(tmp
     stopped = start(part.parent, data_dir, f"paths.log_dir={part}", *EXACT, "trainer.max_epochs=1")
     assert finish(stopped)[0] == 0
     (run,) = (part / "runs").iterdir()
+    hydra_files = {f.name: f.read_text() for f in (run / ".hydra").glob("*.yaml")}
+    # a resume that fails its checks (weights of another network) changes nothing in the run
+    code, out = finish(start(part.parent, data_dir, f"resume={run}", "model.net.hidden=32"))
+    assert code == 2 and "do not fit" in out and "Traceback" not in out, out[-3000:]
+    assert {f.name: f.read_text() for f in (run / ".hydra").glob("*.yaml")} == hydra_files
     code, resumed_out = finish(
         start(part.parent, data_dir, f"resume={run}", "trainer.max_epochs=3")
     )
     assert code == 0, resumed_out[-3000:]
+    assert "trainer.max_epochs=3" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    assert not (run / ".hydra" / "pending").exists()
     code, whole_out = finish(uninterrupted)
     assert code == 0, whole_out[-3000:]
     assert [p.name for p in (part / "runs").iterdir()] == [run.name]  # continued in place
@@ -100,4 +107,5 @@ def test_resume_reruns_with_the_old_overrides_and_the_new_ones_win(tmp_path):
         "resume=true",
         "trainer.max_epochs=5",
         f"hydra.run.dir='{run.resolve()}'",
+        "hydra.output_subdir=.hydra/pending",  # until the run starts (see the exact test)
     ]

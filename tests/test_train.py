@@ -92,6 +92,24 @@ def test_a_checkpoint_that_cannot_continue_is_refused_with_what_to_pass(
     assert "test/acc" in train(make_cfg("trainer.max_epochs=2", "resume=true"))
 
 
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("trainer.limit_train_batches=-1", "Cannot build trainer from the config: .*-1"),
+        ("model.optimizer._target_=torch.optim.Nope", "Cannot build model .*torch.optim.Nope"),
+        ("+callbacks.x._target_=nowhere.X", "Cannot build callbacks .*nowhere"),
+    ],
+)
+def test_a_config_its_classes_refuse_is_a_config_error_before_any_work(
+    make_cfg, tmp_path, override, words
+):
+    from mnist_cnn.validate import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        train(make_cfg(override))
+    assert list(tmp_path.iterdir()) == []  # no run_info.yaml, no checkpoints
+
+
 @pytest.mark.slow
 def test_one_full_epoch_reaches_98_percent(full_epoch):
     _, metrics = full_epoch

@@ -125,3 +125,10 @@ def test_a_search_space_key_that_does_not_exist_is_named(tmp_path, data_dir):
     cfg = tune_cfg(tmp_path, data_dir, "search_space.lr.key=model.optimizer.lrr")
     with pytest.raises(TuneError, match="model.optimizer.lrr, which is not a key"):
         tune(cfg)
+
+
+def test_an_override_of_a_searched_key_is_refused_with_how_to_fix_it(tmp_path, data_dir):
+    cfg = tune_cfg(tmp_path, data_dir, "data.batch_size=128")
+    with pytest.raises(TuneError, match=r"data.batch_size=128 sets .*~search_space.batch_size"):
+        tune(cfg, ["data.batch_size=128"])
+    assert not (tmp_path / "tune").exists()  # refused before the study is made

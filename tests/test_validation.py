@@ -26,6 +26,13 @@ BAD = {
     "data.batchsize=32": ["data.batchsize", "did you mean data.batch_size?"],
     "~callbacks.export": ["callbacks.export", "did you mean callbacks.export_weights?"],
     "trainer=gpux": ["trainer=gpux", "cpu, default, gpu"],
+    "model.net.kernel_size=0": ["model.net.kernel_size=0", "an integer >= 1"],
+    "model.net.channels=[0,1]": ["model.net.channels=[0, 1]", "two integers >= 1"],
+    "model.scheduler=bogus": ["model.scheduler=bogus", "null or a config with _target_"],
+}
+OTHER = {  # refused for another reason than a value
+    "trainer.max_epochs=3,4": ["trainer.max_epochs=3,4 is a sweep", "add -m"],
+    "trainer.strategy=foo": ["Unknown config key trainer.strategy", "+trainer.strategy=foo"],
 }
 
 
@@ -39,13 +46,39 @@ def cli(*args: str, cwd=None) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("bad", BAD)
+@pytest.mark.parametrize("bad", BAD | OTHER)
 def test_each_bad_override_is_refused_with_key_value_and_what_is_allowed(bad):
     with pytest.raises(ConfigError) as err:
         preflight([bad])
-    for words in BAD[bad]:
+    for words in (BAD | OTHER)[bad]:
         assert words in str(err.value)
     assert "+~" not in str(err.value)  # no "add a new key" advice for a deletion
+    assert "did you mean" in str(err.value) or "did you mean" not in str((BAD | OTHER)[bad])
+    assert "_target_?" not in str(err.value)  # never suggested for a misspelt key
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "ckpt_path=x.ckpt", "data.eval_bach_size=10", "did you mean data.eval_batch_size"],
+        ["predict", "ckpt_path=x.ckpt", "input=[a.png]", "did you mean inputs"],
+        ["export", "ckpt_path=x.ckpt", "formt=pt", "did you mean format"],
+        ["tune", "tuen.n_trials=2", "did you mean tune.n_trials"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_every_command_checks_its_overrides_before_hydra_starts(command, tmp_path):
+    *args, words = command
+    proc = subprocess.run(
+        [sys.executable, "-m", f"mnist_cnn.{args[0]}", *args[1:]],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert words in proc.stderr and f"python -m mnist_cnn.{args[0]} --cfg job" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no run dir, no outputs/
 
 
 def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path):
@@ -84,8 +117,10 @@ def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path)
 def test_the_defaults_and_every_option_pass_and_every_rule_names_a_real_key():
     cfg = compose_train("paths.output_dir=.")
     check(cfg)
+    tune = compose_train("paths.output_dir=.", config_name="tune")  # train + tune.* keys
+    check(tune)
     for key in RULES:
-        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+        assert OmegaConf.select(tune, key, default="absent") != "absent", key
     for option in ("experiment=seed", "trainer=cpu", "debug=fast", "callbacks=none"):
         check(compose_train(option, "paths.output_dir=."))
 
