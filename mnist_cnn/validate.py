@@ -47,6 +47,10 @@ PRECISIONS = (  # Lightning's _PRECISION_INPUT, as strings
     *("transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16"),
 )
 
+# what MNISTClassifier logs during fit (per epoch), and after it
+FIT_METRICS = ("val/acc", "val/loss", "val/acc_best", "train/acc", "train/loss")
+METRICS = (*FIT_METRICS, "test/acc", "test/loss")
+
 # key: (test, what is allowed, an example); a key missing from the config is not checked
 RULES = {
     "seed": (_int(0), "an integer >= 0", "seed=1"),
@@ -101,6 +105,13 @@ RULES = {
         "null or an integer >= 1 (training steps between saves of last.ckpt)",
         "callbacks.step_checkpoint.every_n_train_steps=200",
     ),
+    "callbacks.model_checkpoint.monitor": (
+        lambda v: v in FIT_METRICS,
+        ", ".join(FIT_METRICS),
+        "callbacks.model_checkpoint.monitor=val/loss callbacks.model_checkpoint.mode=min",
+    ),
+    "optimized_metric": (lambda v: v in METRICS, ", ".join(METRICS), ""),
+    "tune.monitor": (lambda v: v in FIT_METRICS, ", ".join(FIT_METRICS), ""),
     "tune.n_trials": (_int(1), "an integer >= 1", "tune.n_trials=30"),
     "tune.direction": (
         lambda v: v in ("maximize", "minimize"),

@@ -29,6 +29,7 @@ BAD = {
     "model.net.kernel_size=0": ["model.net.kernel_size=0", "an integer >= 1"],
     "model.net.channels=[0,1]": ["model.net.channels=[0, 1]", "two integers >= 1"],
     "model.scheduler=bogus": ["model.scheduler=bogus", "null or a config with _target_"],
+    "callbacks.model_checkpoint.monitor=val/nope": ["monitor=val/nope", "val/acc, val/loss"],
 }
 OTHER = {  # refused for another reason than a value
     "trainer.max_epochs=3,4": ["trainer.max_epochs=3,4 is a sweep", "add -m"],
