@@ -53,16 +53,17 @@ def check_continuation(state: dict, path, max_epochs: int | None, resume: bool) 
     """Raise ``CheckpointError`` when training from ``state`` up to ``max_epochs`` cannot work:
     Lightning restores the epoch count, so ``trainer.max_epochs`` counts from the first start."""
     done = epochs_done(state)
+    trained = f"{done} epoch{'' if done == 1 else 's'}"
     if max_epochs is None or max_epochs < 0 or max_epochs > done or (resume and max_epochs == done):
         return
     if resume:
         raise CheckpointError(
-            f"Cannot resume {path}: that run has trained {done} epochs, more than "
+            f"Cannot resume {path}: that run has trained {trained}, more than "
             f"trainer.max_epochs={max_epochs}. The epochs count from the run's first start: "
             f"pass trainer.max_epochs={done} or more (or leave it out)."
         )
     raise CheckpointError(
-        f"Nothing to train from {path}: it has already trained {done} epochs, and "
+        f"Nothing to train from {path}: it has already trained {trained}, and "
         f"trainer.max_epochs={max_epochs} counts from the start of that training (Lightning "
         f"restores the epoch count). Pass trainer.max_epochs={done + 1} or more to train more "
         f"epochs, or test it with: python -m mnist_cnn.eval ckpt_path={path}"

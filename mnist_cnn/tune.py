@@ -233,7 +233,11 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", e)
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt):
-        log.warning("Stopped. The same command resumes the study in %s.", cfg.tune.storage)
+        log.warning(
+            "Stopped: the trial that was running is marked failed and does not count. The same "
+            "command resumes the study in %s with new trials.",
+            cfg.tune.storage,
+        )
         sys.exit(130)
     return best["value"]
 
