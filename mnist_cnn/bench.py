@@ -520,12 +520,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches < 1 or args.warmup < 0 or args.repeats < 1 or (args.eval_batches or 2) < 1:
         parser.error("--batches, --repeats and --eval-batches must be >= 1, --warmup >= 0")
 
+    from mnist_cnn.checkpoint import CheckpointError
     from mnist_cnn.data import DataError, prepare_mnist
+    from mnist_cnn.validate import ConfigError, preflight
 
     try:
+        preflight(args.overrides)  # before any variant runs
         prepare_mnist(args.data_dir)
-    except DataError as e:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write --out {args.out}: {e.strerror}; pass a folder", file=sys.stderr)
         return 2
     args.overrides = [*args.overrides, f"data.data_dir={args.data_dir}"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -533,7 +540,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.peak_gflops:
         peak, peak_how = args.peak_gflops, "given with --peak-gflops"
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results = {}
     one = argparse.Namespace(**{**vars(args), "repeats": 1})
     with tempfile.TemporaryDirectory() as runs:

@@ -13,7 +13,9 @@ Invalid config: data.batch_size=0 (allowed: an integer >= 1
 """
 
 import difflib
+import os
 import sys
+from pathlib import Path
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -138,6 +140,16 @@ def _problem(key: str, value) -> str | None:
     return f"{key}={shown} (allowed: {allowed}{', e.g. ' + example if example else ''})"
 
 
+def _not_writable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be made or written, judged by its nearest existing part."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def check(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` naming every key whose value ``RULES`` does not allow."""
     problems = []
@@ -224,6 +236,12 @@ def preflight(overrides: list[str], multirun: bool = False, config_name: str = "
             bad = [p for v in o.sweep_iterator() if (p := _problem(o.key_or_group, v))]
             if bad:
                 raise ConfigError(f"Invalid sweep {o.input_line}: {'; '.join(bad)}.")
+    log_dir = OmegaConf.select(cfg, "paths.log_dir") if config_name in ("train", "tune") else None
+    if log_dir and (why := _not_writable(Path(log_dir))):
+        raise ConfigError(
+            f"Cannot make runs under paths.log_dir={log_dir}: {why}. Pass a folder that can be "
+            "written: paths.log_dir=/path/to/outputs."
+        )
     if config_name != "train" or not (cfg.get("resume") or cfg.get("ckpt_path")):
         return overrides
     # torch: only with a checkpoint, which is checked before Hydra makes a run dir

@@ -104,6 +104,14 @@ def test_bad_arguments_and_missing_data_exit_2_with_a_clear_message(tmp_path):
     done = bench("--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path))
     assert done.returncode == 2 and "MNIST_DATA_DIR" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "bench.json").exists()
+    # a misspelt override is named before any variant runs; an --out that cannot be a folder
+    done = bench("trainer.max_epoch=3", "--out", str(tmp_path))
+    assert done.returncode == 2 and "did you mean trainer.max_epochs?" in done.stderr
+    assert "bench: notebook" not in done.stderr
+    (tmp_path / "file").write_text("")
+    done = bench("--out", str(tmp_path / "file" / "bench"))
+    assert done.returncode == 2 and "cannot write --out" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_flops_per_sample_match_the_layer_arithmetic():

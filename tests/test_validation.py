@@ -8,6 +8,7 @@ import pytest
 from conftest import compose_train
 from omegaconf import OmegaConf
 
+from mnist_cnn import ROOT
 from mnist_cnn.train import train
 from mnist_cnn.validate import ACCELERATORS, PRECISIONS, RULES, ConfigError, check, preflight
 
@@ -32,6 +33,7 @@ BAD = {
     "callbacks.model_checkpoint.monitor=val/nope": ["monitor=val/nope", "val/acc, val/loss"],
 }
 OTHER = {  # refused for another reason than a value
+    f"paths.log_dir={ROOT}/README.md/out": ["README.md is a file, not a folder", "paths.log_dir="],
     "trainer.max_epochs=3,4": ["trainer.max_epochs=3,4 is a sweep", "add -m"],
     "trainer.strategy=foo": ["Unknown config key trainer.strategy", "+trainer.strategy=foo"],
 }
