@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import lightning as L
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -90,3 +91,15 @@ def commit_hydra_files(run_dir: str | Path) -> None:
         file.replace(pending.parent / file.name)
     if pending.is_dir():
         pending.rmdir()
+
+
+class RunRecord(L.Callback):
+    """When fit starts (the data read, the checkpoint loaded): ``record`` this start and
+    ``commit_hydra_files``. ``train`` adds it to every run."""
+
+    def __init__(self, run_dir: str | Path, cfg: DictConfig, resumed_from: str | None = None):
+        self.run_dir, self.cfg, self.resumed_from = run_dir, cfg, resumed_from
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        record(self.run_dir, self.resumed_from, self.cfg)
+        commit_hydra_files(self.run_dir)

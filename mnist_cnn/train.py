@@ -85,13 +85,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if state is not None:
         check_weights(model, state, ckpt_path)  # another model.net or optimizer stops here
     callbacks = build("callbacks", lambda: instantiate_group(cfg.get("callbacks")))
+    # run_info.yaml and a resume's .hydra/ files, once the data and checkpoint are read
+    callbacks.append(runinfo.RunRecord(cfg.paths.output_dir, cfg, ckpt_path))
     loggers = build("logger", lambda: instantiate_group(cfg.get("logger")))
     trainer = build(
         "trainer",
         lambda: hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False),
     )
-    runinfo.record(cfg.paths.output_dir, resumed_from=ckpt_path, cfg=cfg)  # the run starts
-    runinfo.commit_hydra_files(cfg.paths.output_dir)
 
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
     try:

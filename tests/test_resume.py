@@ -35,10 +35,12 @@ def test_a_run_stopped_after_epoch_1_and_resumed_equals_an_uninterrupted_run(tmp
     assert finish(stopped)[0] == 0
     (run,) = (part / "runs").iterdir()
     hydra_files = {f.name: f.read_text() for f in (run / ".hydra").glob("*.yaml")}
-    # a resume that fails its checks (weights of another network) changes nothing in the run
-    code, out = finish(start(part.parent, data_dir, f"resume={run}", "model.net.hidden=32"))
-    assert code == 2 and "do not fit" in out and "Traceback" not in out, out[-3000:]
-    assert {f.name: f.read_text() for f in (run / ".hydra").glob("*.yaml")} == hydra_files
+    # a resume that fails its checks (weights of another network, no data) changes nothing
+    for bad, words in (("model.net.hidden=32", "do not fit"), (f"data.data_dir={part}", "MNIST")):
+        code, out = finish(start(part.parent, data_dir, f"resume={run}", bad))
+        assert code == 2 and words in out and "Traceback" not in out, out[-3000:]
+        assert {f.name: f.read_text() for f in (run / ".hydra").glob("*.yaml")} == hydra_files
+        assert len(yaml.safe_load((run / "run_info.yaml").read_text())) == 1
     code, resumed_out = finish(
         start(part.parent, data_dir, f"resume={run}", "trainer.max_epochs=3")
     )
