@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision.datasets import MNIST
 from torchvision.transforms import ToTensor
 
+from mnist_cnn.validate import file_in_the_way
+
 log = logging.getLogger(__name__)
 
 # name: (md5 of the .gz, size of the extracted IDX file, IDX magic number)
@@ -82,9 +84,7 @@ def _missing_data_message(data_dir: Path, problems: dict[str, str], cause: str) 
 
 def _cannot_write(data_dir: Path, error: OSError) -> DataError:
     """The error for a data folder that cannot be made or written, naming a file in its way."""
-    raw = data_dir / "MNIST" / "raw"
-    blocker = next((p for p in (raw, *raw.parents) if p.exists()), raw)
-    if not blocker.is_dir():
+    if blocker := file_in_the_way(data_dir / "MNIST" / "raw"):
         where = "it is" if blocker == data_dir else f"{blocker} is"
         return DataError(
             f"Cannot use the data folder {data_dir}: {where} a file, not a folder. Pass a folder "

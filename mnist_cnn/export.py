@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from mnist_cnn.checkpoint import CheckpointError, load_checkpoint, load_model
 from mnist_cnn.model import build_cnn
-from mnist_cnn.validate import ConfigError, run_checked
+from mnist_cnn.validate import ConfigError, file_in_the_way, run_checked
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,7 @@ def export(cfg: DictConfig) -> Path:
 
 def _cannot_write(output: Path, why: OSError | str, fmt: str) -> ConfigError:
     """The error for an output that cannot be written, naming a file in its way."""
-    blocker = next((p for p in output.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    if blocker := file_in_the_way(output.parent):
         why = f"{blocker} is a file, not a folder"
     elif isinstance(why, OSError):
         why = why.strerror or str(why)

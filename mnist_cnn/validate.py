@@ -140,11 +140,18 @@ def _problem(key: str, value) -> str | None:
     return f"{key}={shown} (allowed: {allowed}{', e.g. ' + example if example else ''})"
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The file that stops ``folder`` from being made: ``folder`` or its nearest existing
+    parent, when that is not a folder."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def _not_writable(folder: Path) -> str | None:
     """Why ``folder`` cannot be made or written, judged by its nearest existing part."""
+    if blocker := file_in_the_way(folder):
+        return f"{blocker} is a file, not a folder"
     existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK):
         return f"{existing} is not writable"
     return None
