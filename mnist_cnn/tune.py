@@ -7,7 +7,8 @@ Each trial is ``train(cfg)`` on the train config plus values drawn from ``conf/s
 ``val/acc`` is reported after every epoch so the pruner can stop a lagging trial. The study
 lives in ``outputs/tune/<study_name>/study.db`` (SQLite) with one dir per trial; ``best.yaml``
 there holds the best parameters and the ``python -m mnist_cnn.train ...`` command that
-reproduces the best trial.
+reproduces the best trial. A trial stopped by Ctrl-C or SIGTERM, or cut off by a kill, runs again
+with its values on the next run, continuing from its ``last.ckpt`` in its own dir.
 """
 
 import copy
@@ -25,10 +26,11 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
+from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import TrialState
 
 from mnist_cnn.callbacks import Diverged, Interrupted
-from mnist_cnn.checkpoint import CheckpointError
+from mnist_cnn.checkpoint import CheckpointError, epochs_done, load_checkpoint
 from mnist_cnn.data import DataError
 from mnist_cnn.train import train
 from mnist_cnn.validate import ConfigError, run_checked
@@ -79,14 +81,18 @@ def suggest(trial: optuna.Trial, name: str, spec: DictConfig):
     )
 
 
-def trial_config(cfg: DictConfig, params: dict, run_dir: Path, trial: int) -> DictConfig:
-    """The train config of one trial: ``cfg`` without the tune keys, plus ``params``."""
+def trial_config(
+    cfg: DictConfig, params: dict, run_dir: Path, trial: int, resume: bool = False
+) -> DictConfig:
+    """The train config of one trial: ``cfg`` without the tune keys, plus ``params``;
+    ``resume``: continue from ``run_dir``'s last.ckpt."""
     run = copy.deepcopy(cfg)
     with open_dict(run):
         for key in ("tune", "search_space"):
             run.pop(key)
         run.paths.output_dir = str(run_dir)
         run.test = cfg.tune.test
+        run.resume = resume
         for key, value in params.items():
             if OmegaConf.select(run, key, default=KeyError) is KeyError:
                 raise TuneError(
@@ -124,7 +130,7 @@ def open_study(cfg: DictConfig) -> optuna.Study:
             cfg.tune.storage,
             heartbeat_interval=cfg.tune.heartbeat_interval,
             grace_period=cfg.tune.grace_period,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(1),
+            heartbeat_stale_trial_callback=Retry(max_retry=2),
         )
     study = optuna.create_study(
         study_name=cfg.tune.study_name,
@@ -135,7 +141,32 @@ def open_study(cfg: DictConfig) -> optuna.Study:
     )
     seed = cfg.tune.seed + len(study.trials) if cfg.tune.seed is not None else None
     study.sampler = hydra.utils.instantiate(cfg.tune.sampler, seed=seed)
+    # a trial stopped by Ctrl-C or SIGTERM failed; queue it again, like a killed one
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in retries(t)}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("stopped") and t.number not in retried:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                Retry()(study, t)
+            log.info("trial %d was stopped: it runs again, from its last.ckpt", t.number)
     return study
+
+
+def retries(trial: optuna.trial.FrozenTrial) -> list[int]:
+    """The trials that ``trial`` runs again, the one right before it last."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return Retry.retry_history(trial)
+
+
+def resumable(run_dir: Path, max_epochs: int | None) -> bool:
+    """Whether ``run_dir/checkpoints/last.ckpt`` loads and has epochs left to train."""
+    try:
+        state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    except CheckpointError:
+        return False
+    return max_epochs is None or max_epochs < 0 or epochs_done(state) < max_epochs
 
 
 def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
@@ -159,16 +190,39 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     def objective(trial: optuna.Trial) -> float:
         params = {s.key: suggest(trial, s.key, s) for s in cfg.search_space.values()}
         run_dir = out / "trials" / f"{trial.number:03d}"
+        # a stopped or killed trial run again: continue in its dir (the "dir" it inherits)
+        before = retries(study.get_trials(deepcopy=False)[trial.number])
+        stopped_dir = Path(trial.user_attrs.get("dir", run_dir))
+        resume = bool(before) and resumable(stopped_dir, cfg.trainer.get("max_epochs"))
+        if resume:
+            run_dir = stopped_dir
+            log.info("trial %d continues trial %d from %s", trial.number, before[-1], run_dir)
+            # the pruner sees the epochs reported before the stop
+            stopped = study.get_trials(deepcopy=False)[before[-1]]
+            for step, value in stopped.intermediate_values.items():
+                trial.report(value, step)
         trial.set_user_attr("dir", str(run_dir))
+        trial.set_user_attr("stopped", False)
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()))
         _RUNNING[trial.number] = trial
         try:
-            metrics = train(trial_config(cfg, params, run_dir, trial.number))
+            try:
+                metrics = train(trial_config(cfg, params, run_dir, trial.number, resume))
+            except CheckpointError as e:  # e.g. a command line that changed model.net
+                if not resume:
+                    raise
+                run_dir = out / "trials" / f"{trial.number:03d}"
+                log.warning("trial %d starts again in %s: %s", trial.number, run_dir, e)
+                trial.set_user_attr("dir", str(run_dir))
+                metrics = train(trial_config(cfg, params, run_dir, trial.number))
         except optuna.TrialPruned as e:
             log.info("trial %d %s", trial.number, e)
             raise
         except Diverged as e:  # caught by study.optimize: the search goes on
             log.warning("trial %d failed: %s", trial.number, e)
+            raise
+        except (Interrupted, KeyboardInterrupt):  # the next run queues it again
+            trial.set_user_attr("stopped", True)
             raise
         finally:
             del _RUNNING[trial.number]
@@ -235,7 +289,7 @@ def main(cfg: DictConfig) -> float | None:
     except (Interrupted, KeyboardInterrupt):
         log.warning(
             "Stopped: the trial that was running is marked failed and does not count. The same "
-            "command resumes the study in %s with new trials.",
+            "command resumes the study in %s, and that trial with it, from its last.ckpt.",
             cfg.tune.storage,
         )
         sys.exit(130)

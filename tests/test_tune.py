@@ -14,7 +14,7 @@ from conftest import compose_train
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from mnist_cnn.checkpoint import load_checkpoint
+from mnist_cnn.checkpoint import epochs_done, load_checkpoint
 from mnist_cnn.tune import TuneError, tune
 
 TINY = [
@@ -102,6 +102,54 @@ def test_tune_killed_then_resumed_reaches_n_trials_and_its_best_command_runs(tmp
         if k.startswith("ModelCheckpoint") and s.get("best_model_score") is not None
     )
     assert float(score) == pytest.approx(best["value"], abs=1e-6)
+
+
+def test_a_trial_stopped_by_ctrl_c_continues_from_its_last_checkpoint_on_the_next_run(
+    tmp_path, data_dir
+):
+    args = [
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=40",
+        "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        "callbacks.progress_bar.refresh_rate=0",
+        "logger=none",
+        f"paths.log_dir={tmp_path}",
+        f"data.data_dir={data_dir}",
+        "tune.n_trials=1",
+    ]
+    cmd = [sys.executable, "-m", "mnist_cnn.tune", *args]
+    storage = f"sqlite:///{tmp_path}/tune/mnist_cnn/study.db"
+    trial_dir = tmp_path / "tune" / "mnist_cnn" / "trials" / "000"
+    last = trial_dir / "checkpoints" / "last.ckpt"
+
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not last.exists():  # after epoch 1: Ctrl-C in epoch 2 or 3
+        assert first.poll() is None and time.monotonic() < deadline, "epoch 1 did not end"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 130, out[-3000:]
+    assert "that trial with it, from its last.ckpt" in out
+    steps = load_checkpoint(last)["global_step"]
+    assert 40 <= steps < 120  # saved mid-run
+    (stopped,) = trials(storage, TrialState.FAIL)
+    assert stopped.user_attrs["stopped"] is True
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"trial 1 continues trial 0 from {trial_dir}" in second.stdout + second.stderr
+    study = optuna.load_study(study_name="mnist_cnn", storage=storage)
+    (done,) = study.get_trials(states=(TrialState.COMPLETE,))
+    assert done.params == stopped.params and done.user_attrs["dir"] == str(trial_dir)
+    assert not (trial_dir.parent / "001").exists()  # same dir, not a new run
+    state = load_checkpoint(last)
+    assert epochs_done(state) == 3 and state["global_step"] == 120  # 3 x 40 batches in all
+    assert sorted(done.intermediate_values) == [0, 1, 2]  # the first run's epochs included
+    info = yaml.safe_load((trial_dir / "run_info.yaml").read_text())
+    assert len(info) == 2  # the first start and the resume
 
 
 def tune_cfg(tmp_path, data_dir, *overrides):
