@@ -83,6 +83,10 @@ class ExportWeights(L.Callback):
         log.info("wrote %s (weights of %s)", path, best or "the last epoch")
 
 
+class ExportError(RuntimeError):
+    """An export that does not reproduce the network; nothing is written."""
+
+
 def export_onnx(net: torch.nn.Module, path: str | Path) -> float:
     """Write ``net`` as ONNX with a dynamic batch; return the max abs difference of its outputs
     in ONNX Runtime against PyTorch on a random batch (raises when above ``ONNX_TOLERANCE``)."""
@@ -107,7 +111,11 @@ def export_onnx(net: torch.nn.Module, path: str | Path) -> float:
     (got,) = session.run(None, {"images": x.numpy()})
     diff = float(abs(got - expected).max())
     if diff > ONNX_TOLERANCE:
-        raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.2e} (> {ONNX_TOLERANCE})")
+        raise ExportError(
+            f"The ONNX model's outputs differ from PyTorch's by {diff:.2e} (more than "
+            f"{ONNX_TOLERANCE}), so it was not written. Update the exporter and runtime (pip "
+            "install -U onnxscript onnxruntime), or export the weights with format=pt."
+        )
     return diff
 
 
@@ -177,6 +185,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, CheckpointError) as e:
         log.error("%s", e)
         sys.exit(2)
+    except ExportError as e:
+        log.error("%s", e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -126,12 +126,20 @@ def open_study(cfg: DictConfig) -> optuna.Study:
     Path(cfg.tune.dir).mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # heartbeats are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            cfg.tune.storage,
-            heartbeat_interval=cfg.tune.heartbeat_interval,
-            grace_period=cfg.tune.grace_period,
-            heartbeat_stale_trial_callback=Retry(max_retry=2),
-        )
+        try:
+            storage = optuna.storages.RDBStorage(
+                cfg.tune.storage,
+                heartbeat_interval=cfg.tune.heartbeat_interval,
+                grace_period=cfg.tune.grace_period,
+                heartbeat_stale_trial_callback=Retry(max_retry=2),
+            )
+        except Exception as e:  # SQLAlchemy's: an unknown scheme, a missing driver or folder
+            why = str(e).splitlines()[0]
+            raise TuneError(
+                f"tune.storage={cfg.tune.storage} cannot be opened ({type(e).__name__}: {why}). "
+                "Use a database URL SQLAlchemy can open, e.g. sqlite:///outputs/tune/study.db "
+                "(the default is study.db in tune.dir)."
+            ) from None
     study = optuna.create_study(
         study_name=cfg.tune.study_name,
         storage=storage,

@@ -136,3 +136,15 @@ def test_export_never_overwrites_its_checkpoint_and_names_an_unwritable_output(r
         compose_train(f"ckpt_path={ckpt}", "format=pt", f"output={a_file}", config_name="export")
     )
     assert torch.load(a_file, weights_only=True).keys() == {"state_dict", "net"}
+
+
+def test_an_onnx_model_that_does_not_match_pytorch_is_not_written(run, tmp_path, monkeypatch):
+    _, best = run
+    monkeypatch.setattr(exporter, "ONNX_TOLERANCE", -1.0)  # any difference is too much
+    target = tmp_path / "mnist.onnx"
+    cfg = compose_train(
+        f"ckpt_path={best}", "format=onnx", f"output={target}", config_name="export"
+    )
+    with pytest.raises(exporter.ExportError, match="differ from PyTorch's .* was not written"):
+        exporter.export(cfg)
+    assert os.listdir(tmp_path) == []  # neither the file nor its .partial

@@ -180,3 +180,10 @@ def test_an_override_of_a_searched_key_is_refused_with_how_to_fix_it(tmp_path, d
     with pytest.raises(TuneError, match=r"data.batch_size=128 sets .*~search_space.batch_size"):
         tune(cfg, ["data.batch_size=128"])
     assert not (tmp_path / "tune").exists()  # refused before the study is made
+
+
+def test_a_storage_that_cannot_be_opened_is_named_with_the_fix(tmp_path, data_dir):
+    for storage in ("bogus://x", f"sqlite:///{tmp_path}/missing/dir/study.db"):
+        cfg = tune_cfg(tmp_path, data_dir, f"tune.storage={storage}")
+        with pytest.raises(TuneError, match=f"tune.storage={storage} cannot be opened .* Use a"):
+            tune(cfg)
