@@ -111,14 +111,23 @@ class RNGState(L.Callback):
 
 class Interrupted(Exception):
     """Training was stopped by Ctrl-C or SIGTERM after saving ``checkpoint``; ``aborted``: by a
-    second Ctrl-C, without saving (``checkpoint``: the newest one from before)."""
+    Ctrl-C that Lightning handled (a second one, or one before training started), without
+    saving (``checkpoint``: the newest one from before). ``metrics``: the fit's, when the signal
+    came after its last batch (training is complete)."""
 
-    def __init__(self, signum: int, checkpoint: str | None, step: int | None = None, aborted=False):
-        self.signum, self.checkpoint = signum, checkpoint
+    def __init__(
+        self,
+        signum: int,
+        checkpoint: str | None,
+        step: int | None = None,
+        aborted=False,
+        metrics: dict | None = None,
+    ):
+        self.signum, self.checkpoint, self.metrics = signum, checkpoint, metrics
         at = f" at step {step}" if step is not None else ""
         if aborted:
             kept = f"{checkpoint}, saved earlier, is kept" if checkpoint else "none was saved"
-            super().__init__(f"Aborted by a second Ctrl-C{at}, without saving ({kept}).")
+            super().__init__(f"Stopped by Ctrl-C{at} without saving ({kept}).")
             return
         saved = f"saved {checkpoint}" if checkpoint else "nothing saved"
         super().__init__(f"Stopped by {signal.Signals(signum).name}{at} ({saved}).")
@@ -194,7 +203,14 @@ class GracefulStop(L.Callback):
         if checkpoint is None or checkpoint.dirpath is None:
             return None
         path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + ".ckpt")
-        trainer.save_checkpoint(path, weights_only=False)  # the full state, to resume
+        # a second Ctrl-C now would break torch.save mid-file: the save finishes first
+        main = threading.current_thread() is threading.main_thread()
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            trainer.save_checkpoint(path, weights_only=False)  # the full state, to resume
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, handler)
         return path
 
 

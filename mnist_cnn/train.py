@@ -99,22 +99,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except SIGTERMException:  # Lightning's own stop between batches (DDP); GracefulStop saved
         saved = stop.checkpoint if stop else None
         raise Interrupted(signal.SIGTERM, saved, trainer.global_step) from None
-    except SystemExit:  # Lightning exits so after a second Ctrl-C, which aborts without saving
-        if stop is None or stop.signum != signal.SIGINT:
-            raise
+    except SystemExit:  # Lightning's exit on a Ctrl-C it handles: a second one, or one before
+        # GracefulStop listens (the run's setup); nothing is saved
         saved = str(last) if last.exists() else None
         raise Interrupted(signal.SIGINT, saved, trainer.global_step, aborted=True) from None
-    if stop is not None and stop.signum is not None:  # a signal after the last batch: no test
-        raise Interrupted(stop.signum, stop.checkpoint, trainer.global_step)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if stop is not None and stop.signum is not None:  # a signal after the last batch: no test
+        raise Interrupted(stop.signum, stop.checkpoint, trainer.global_step, metrics=metrics)
     if cfg.get("test"):
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint else ""
         try:
             trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
-        except SIGTERMException:  # training is complete and saved: a resume runs the test
+        except (SIGTERMException, SystemExit) as e:  # complete and saved: a resume tests
+            signum = signal.SIGTERM if isinstance(e, SIGTERMException) else signal.SIGINT
             saved = str(last) if last.exists() else None
-            raise Interrupted(signal.SIGTERM, saved, trainer.global_step) from None
+            raise Interrupted(signum, saved, trainer.global_step, metrics=metrics) from None
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
         log.info("test accuracy %.4f, test loss %.4f", metrics["test/acc"], metrics["test/loss"])
         if best:

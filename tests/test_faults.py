@@ -159,12 +159,50 @@ def test_a_second_ctrl_c_aborts_without_saving_and_keeps_the_last_ckpt(make_cfg)
     cfg = make_cfg(
         "trainer.max_epochs=2", "+callbacks.c={_target_: test_faults.TwoCtrlCAt, batch_idx: 2}"
     )
-    with pytest.raises(Interrupted, match="Aborted by a second Ctrl-C at step 7, without saving"):
+    with pytest.raises(Interrupted, match="Stopped by Ctrl-C at step 7 without saving"):
         train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert step(last) == 5  # epoch 1's, as it was
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     assert train(make_cfg("trainer.max_epochs=2", "resume=true", "test=false"))  # resumes
+
+
+class CtrlCWhileSaving(L.Callback):
+    """Presses Ctrl-C as batch 2 of epoch 2 starts, and again while its last.ckpt is written."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            io = trainer.strategy.checkpoint_io
+            save = io.save_checkpoint
+
+            def save_with_ctrl_c(checkpoint, path, storage_options=None):
+                os.kill(os.getpid(), signal.SIGINT)  # the second: in the middle of the save
+                save(checkpoint, path, storage_options)
+
+            io.save_checkpoint = save_with_ctrl_c
+            os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this batch
+
+
+def test_a_second_ctrl_c_while_the_stop_saves_waits_for_the_save(make_cfg):
+    cfg = make_cfg("trainer.max_epochs=2", "+callbacks.c={_target_: test_faults.CtrlCWhileSaving}")
+    with pytest.raises(Interrupted, match=r"Stopped by SIGINT at step 8 \(saved .*last.ckpt\)"):
+        train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert step(checkpoints / "last.ckpt") == 8  # written whole, at the stop
+    assert not list(checkpoints.glob("*.partial"))
+
+
+class CtrlCInSetup(L.Callback):
+    """Presses Ctrl-C while the Trainer sets up, before GracefulStop listens."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_ctrl_c_before_training_starts_is_interrupted_not_lightnings_exit(make_cfg):
+    cfg = make_cfg("+callbacks.c={_target_: test_faults.CtrlCInSetup}")
+    with pytest.raises(Interrupted, match=r"Ctrl-C at step 0 without saving \(none was saved\)"):
+        train(cfg)
 
 
 def test_a_sigterm_during_the_test_says_how_to_run_it_again(make_cfg):
