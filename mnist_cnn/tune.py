@@ -14,6 +14,7 @@ with its values on the next run, continuing from its ``last.ckpt`` in its own di
 import copy
 import logging
 import shlex
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _RUNNING: dict[int, optuna.Trial] = {}  # trials training in this process, for Pruning
+_SIGTERM: list[int] = []  # a SIGTERM received between trials (tune's main only)
 
 
 class TuneError(ValueError):
@@ -50,8 +52,14 @@ class Pruning(L.Callback):
     the trial (``optuna.TrialPruned``) when the pruner says so. Added to each trial's config
     by ``tune``; ``trial`` is the trial's number."""
 
-    def __init__(self, trial: int, monitor: str = "val/acc"):
-        self.trial, self.monitor = _RUNNING[trial], monitor
+    def __init__(self, trial: int, monitor: str = "val/acc", history: list | None = None):
+        self.trial, self.monitor, self.history = _RUNNING[trial], monitor, history or []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a stopped trial run again: once its checkpoint is loaded, the pruner gets its epochs
+        for step, value in self.history:
+            if step < trainer.current_epoch:
+                self.trial.report(value, step=step)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
@@ -74,6 +82,12 @@ def suggest(trial: optuna.Trial, name: str, spec: DictConfig):
         if kind == "categorical":
             return trial.suggest_categorical(name, list(spec.choices))
     except (ValueError, TypeError, AttributeError) as e:
+        if "dynamic value space" in str(e):
+            raise TuneError(
+                f"the choices of {name} differ from those this study's trials used; Optuna "
+                "needs the same choices throughout a study. Start a new study "
+                "(tune.study_name=NEW) or keep the old choices."
+            ) from None
         raise TuneError(f"search space entry for {name} is unusable ({e}).") from None
     raise TuneError(
         f"search space entry for {name} has type={kind}; use float (low, high, log), "
@@ -82,17 +96,18 @@ def suggest(trial: optuna.Trial, name: str, spec: DictConfig):
 
 
 def trial_config(
-    cfg: DictConfig, params: dict, run_dir: Path, trial: int, resume: bool = False
+    cfg: DictConfig, params: dict, run_dir: Path, trial: int, history: list | None = None
 ) -> DictConfig:
     """The train config of one trial: ``cfg`` without the tune keys, plus ``params``;
-    ``resume``: continue from ``run_dir``'s last.ckpt."""
+    ``history``: continue from ``run_dir``'s last.ckpt, whose epochs reported these
+    ``[epoch, value]`` pairs."""
     run = copy.deepcopy(cfg)
     with open_dict(run):
         for key in ("tune", "search_space"):
             run.pop(key)
         run.paths.output_dir = str(run_dir)
         run.test = cfg.tune.test
-        run.resume = resume
+        run.resume = history is not None
         for key, value in params.items():
             if OmegaConf.select(run, key, default=KeyError) is KeyError:
                 raise TuneError(
@@ -106,6 +121,7 @@ def trial_config(
             "_target_": f"{__name__}.Pruning",
             "trial": trial,
             "monitor": cfg.tune.monitor,
+            "history": history or [],
         }
     return run
 
@@ -122,7 +138,8 @@ def train_command(overrides: Sequence[str], params: dict) -> str:
 
 
 def open_study(cfg: DictConfig) -> optuna.Study:
-    """The study in ``tune.storage``, created or loaded; a killed run's trial is retried."""
+    """The study in ``tune.storage``, created or loaded; a stopped or killed trial is queued to
+    run again."""
     Path(cfg.tune.dir).mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # heartbeats are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -131,7 +148,7 @@ def open_study(cfg: DictConfig) -> optuna.Study:
                 cfg.tune.storage,
                 heartbeat_interval=cfg.tune.heartbeat_interval,
                 grace_period=cfg.tune.grace_period,
-                heartbeat_stale_trial_callback=Retry(max_retry=2),
+                heartbeat_stale_trial_callback=Retry(),
             )
         except Exception as e:  # SQLAlchemy's: an unknown scheme, a missing driver or folder
             why = str(e).splitlines()[0]
@@ -140,25 +157,66 @@ def open_study(cfg: DictConfig) -> optuna.Study:
                 "Use a database URL SQLAlchemy can open, e.g. sqlite:///outputs/tune/study.db "
                 "(the default is study.db in tune.dir)."
             ) from None
+    pruner = _build("pruner", cfg.tune.pruner)
     study = optuna.create_study(
         study_name=cfg.tune.study_name,
         storage=storage,
         direction=cfg.tune.direction,
-        pruner=hydra.utils.instantiate(cfg.tune.pruner),
+        pruner=pruner,
         load_if_exists=True,
     )
     seed = cfg.tune.seed + len(study.trials) if cfg.tune.seed is not None else None
-    study.sampler = hydra.utils.instantiate(cfg.tune.sampler, seed=seed)
-    # a trial stopped by Ctrl-C or SIGTERM failed; queue it again, like a killed one
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in retries(t)}
-    for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("stopped") and t.number not in retried:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                Retry()(study, t)
-            log.info("trial %d was stopped: it runs again, from its last.ckpt", t.number)
+    study.sampler = _build("sampler", cfg.tune.sampler, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # killed ones: queued again by Retry
+        # a trial stopped by Ctrl-C or SIGTERM failed; queue it again, like a killed one
+        trials = study.get_trials(deepcopy=False)
+        retried = {n for t in trials for n in Retry.retry_history(t)}
+        for t in trials:
+            if t.state != TrialState.FAIL or not t.user_attrs.get("stopped") or t.number in retried:
+                continue
+            if misfit := _misfit(t, cfg.search_space):
+                log.warning("trial %d was stopped; it does not run again: %s", t.number, misfit)
+                continue
+            Retry()(study, t)
+            log.info("trial %d was stopped: it is queued to run again", t.number)
+    if running := len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+        log.info(
+            "%d trial(s) of this study are running elsewhere: another tune process, or a killed "
+            "one, which runs again once it has missed heartbeats for tune.grace_period=%s s",
+            running,
+            cfg.tune.grace_period,
+        )
     return study
+
+
+def _build(name: str, node: DictConfig, **kwargs):
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except Exception as e:  # a _target_ that does not exist, an argument it does not take
+        why = str(e).splitlines()[0]
+        raise TuneError(
+            f"Cannot build tune.{name} from the config: {why}. Fix the tune.{name}.* override "
+            f"(any optuna.{name}s class, e.g. tune.{name}._target_=optuna.{name}s."
+            f"{'MedianPruner' if name == 'pruner' else 'TPESampler'})."
+        ) from None
+
+
+def _misfit(trial: optuna.trial.FrozenTrial, space: DictConfig) -> str | None:
+    """Why ``trial``'s values cannot be run again in the current search space, or None."""
+    keys = {spec.key: spec for spec in space.values()}
+    if set(trial.params) != set(keys):
+        return f"the search space now searches {sorted(keys)}, not {sorted(trial.params)}"
+    for key, value in trial.params.items():
+        spec = keys[key]
+        if spec.get("type") == "categorical":
+            fits = list(spec.choices) == list(trial.distributions[key].choices)
+        else:
+            fits = spec.low <= value <= spec.high
+        if not fits:
+            return f"{key}={value} is outside the search space now"
+    return None
 
 
 def retries(trial: optuna.trial.FrozenTrial) -> list[int]:
@@ -168,18 +226,22 @@ def retries(trial: optuna.trial.FrozenTrial) -> list[int]:
         return Retry.retry_history(trial)
 
 
-def resumable(run_dir: Path, max_epochs: int | None) -> bool:
-    """Whether ``run_dir/checkpoints/last.ckpt`` loads and has epochs left to train."""
+def resume_problem(run_dir: Path, max_epochs: int | None) -> str | None:
+    """Why ``run_dir/checkpoints/last.ckpt`` cannot be continued, or None."""
     try:
         state = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    except CheckpointError:
-        return False
-    return max_epochs is None or max_epochs < 0 or epochs_done(state) < max_epochs
+    except CheckpointError as e:
+        return str(e).split(". ")[0].removeprefix("Cannot use checkpoint ")
+    done = epochs_done(state)
+    if max_epochs is not None and max_epochs >= 0 and done >= max_epochs:
+        return f"its last.ckpt has {done} epochs done, trainer.max_epochs={max_epochs}"
+    return None
 
 
 def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Run trials until the study has ``tune.n_trials`` finished ones; save and return the best
-    (``best.yaml``: trial, value, params, command). ``overrides``: the command line's."""
+    (``best.yaml``: trial, value, params, command). ``overrides``: the command line's.
+    Raises ``Interrupted`` after a stop (the study then holds everything done so far)."""
     searched = {spec.key: name for name, spec in cfg.search_space.items()}
     for o in OverridesParser.create().parse_overrides(list(overrides)):
         if o.key_or_group in searched:
@@ -194,30 +256,40 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     out = Path(cfg.tune.dir)
     # trials are logged below; Optuna's own warnings would print a failed trial's traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    stops: list[Interrupted] = []
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("stopped", False)  # a retry inherits its trial's attributes
+        if _SIGTERM:  # came as the previous trial ended: nothing of this one has run
+            raise Interrupted(_SIGTERM[0], None)
         params = {s.key: suggest(trial, s.key, s) for s in cfg.search_space.values()}
+        trial.set_user_attr("params", params)  # what runs (a retry's params may hold more)
         run_dir = out / "trials" / f"{trial.number:03d}"
         # a stopped or killed trial run again: continue in its dir (the "dir" it inherits)
         before = retries(study.get_trials(deepcopy=False)[trial.number])
-        stopped_dir = Path(trial.user_attrs.get("dir", run_dir))
-        resume = bool(before) and resumable(stopped_dir, cfg.trainer.get("max_epochs"))
-        if resume:
-            run_dir = stopped_dir
-            log.info("trial %d continues trial %d from %s", trial.number, before[-1], run_dir)
-            # the pruner sees the epochs reported before the stop
-            stopped = study.get_trials(deepcopy=False)[before[-1]]
-            for step, value in stopped.intermediate_values.items():
-                trial.report(value, step)
+        history = None
+        if before:
+            stopped_dir = Path(trial.user_attrs.get("dir", run_dir))
+            if problem := resume_problem(stopped_dir, cfg.trainer.get("max_epochs")):
+                log.info(
+                    "trial %d runs trial %d again from the start: %s",
+                    trial.number,
+                    before[-1],
+                    problem,
+                )
+            else:
+                run_dir = stopped_dir
+                stopped = study.get_trials(deepcopy=False)[before[-1]]
+                history = sorted([k, v] for k, v in stopped.intermediate_values.items())
+                log.info("trial %d continues trial %d from %s", trial.number, before[-1], run_dir)
         trial.set_user_attr("dir", str(run_dir))
-        trial.set_user_attr("stopped", False)
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()))
         _RUNNING[trial.number] = trial
         try:
             try:
-                metrics = train(trial_config(cfg, params, run_dir, trial.number, resume))
+                metrics = train(trial_config(cfg, params, run_dir, trial.number, history))
             except CheckpointError as e:  # e.g. a command line that changed model.net
-                if not resume:
+                if history is None:
                     raise
                 run_dir = out / "trials" / f"{trial.number:03d}"
                 log.warning("trial %d starts again in %s: %s", trial.number, run_dir, e)
@@ -229,7 +301,14 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         except Diverged as e:  # caught by study.optimize: the search goes on
             log.warning("trial %d failed: %s", trial.number, e)
             raise
-        except (Interrupted, KeyboardInterrupt):  # the next run queues it again
+        except Interrupted as e:
+            if cfg.optimized_metric not in (e.metrics or {}):  # cut short: the next run queues it
+                trial.set_user_attr("stopped", True)
+                raise
+            metrics = e.metrics  # stopped after its last batch: the trial is complete
+            stops.append(e)
+            study.stop()
+        except KeyboardInterrupt:
             trial.set_user_attr("stopped", True)
             raise
         finally:
@@ -244,9 +323,17 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
         study.optimize(
             objective,
             catch=(Diverged,),  # a diverging trial fails; the search goes on
-            callbacks=[optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=FINISHED)],
-            gc_after_trial=True,
+            callbacks=[
+                optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=FINISHED),
+                lambda study, trial: _SIGTERM and study.stop(),
+            ],
+            # no gc.collect() after each trial: a Ctrl-C during it is lost in a weakref callback
+            gc_after_trial=False,
         )
+    if stops:
+        raise stops[0]
+    if _SIGTERM:
+        raise Interrupted(_SIGTERM[0], None)
     return save_best(study, cfg, overrides)
 
 
@@ -260,7 +347,7 @@ def save_best(study: optuna.Study, cfg: DictConfig, overrides: Sequence[str]) ->
             "(tune.n_trials=N) or relax the pruner (tune.pruner.n_startup_trials)."
         )
     best = study.best_trial
-    params = {k: v for k, v in best.params.items()}
+    params = best.user_attrs.get("params", best.params)
     result = {
         "study": study.study_name,
         "storage": cfg.tune.storage,
@@ -287,20 +374,28 @@ def save_best(study: optuna.Study, cfg: DictConfig, overrides: Sequence[str]) ->
     return result
 
 
+def _on_sigterm(signum, frame):
+    # between trials (during one, GracefulStop takes over): raising here could land in a
+    # SQLAlchemy weakref callback, where Python drops it; the search checks the flag instead
+    _SIGTERM.append(signum)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
 def main(cfg: DictConfig) -> float | None:
+    signal.signal(signal.SIGTERM, _on_sigterm)  # as Ctrl-C: a trial in flight is marked stopped
     try:
         best = tune(cfg, HydraConfig.get().overrides.task)
     except (TuneError, ConfigError, DataError, CheckpointError) as e:
         log.error("%s", e)
         sys.exit(2)
-    except (Interrupted, KeyboardInterrupt):
+    except (Interrupted, KeyboardInterrupt) as e:
         log.warning(
-            "Stopped: the trial that was running is marked failed and does not count. The same "
-            "command resumes the study in %s, and that trial with it, from its last.ckpt.",
+            "%s The same command resumes the study in %s; a trial cut short runs again, from "
+            "its last.ckpt when it has one.",
+            str(e) or "Stopped by SIGINT.",
             cfg.tune.storage,
         )
-        sys.exit(130)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     return best["value"]
 
 

@@ -120,6 +120,14 @@ RULES = {
         "maximize or minimize",
         "tune.direction=maximize",
     ),
+    "tune.study_name": (
+        lambda v: isinstance(v, str) and v.strip() != "" and "/" not in v,
+        "a name without /",
+        "tune.study_name=lr_only",
+    ),
+    "tune.seed": (lambda v: v is None or _int(0)(v), "null or an integer >= 0", "tune.seed=0"),
+    "tune.heartbeat_interval": (_int(1), "an integer >= 1 (seconds)", "tune.heartbeat_interval=30"),
+    "tune.grace_period": (_int(1), "an integer >= 1 (seconds)", "tune.grace_period=120"),
     "resume": (
         lambda v: isinstance(v, bool) or (isinstance(v, str) and v != ""),
         "true, false or a run dir",

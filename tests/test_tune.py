@@ -1,12 +1,14 @@
 """``python -m mnist_cnn.tune``: an Optuna study that survives a kill and resumes."""
 
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
 
+import lightning as L
 import optuna
 import pytest
 import yaml
@@ -14,8 +16,10 @@ from conftest import compose_train
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from mnist_cnn.callbacks import Interrupted
 from mnist_cnn.checkpoint import epochs_done, load_checkpoint
-from mnist_cnn.tune import TuneError, tune
+from mnist_cnn.tune import TuneError, retries, tune
+from mnist_cnn.validate import ConfigError, preflight
 
 TINY = [
     "debug=fast",
@@ -132,7 +136,7 @@ def test_a_trial_stopped_by_ctrl_c_continues_from_its_last_checkpoint_on_the_nex
     first.send_signal(signal.SIGINT)
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 130, out[-3000:]
-    assert "that trial with it, from its last.ckpt" in out
+    assert "a trial cut short runs again, from its last.ckpt" in out
     steps = load_checkpoint(last)["global_step"]
     assert 40 <= steps < 120  # saved mid-run
     (stopped,) = trials(storage, TrialState.FAIL)
@@ -187,3 +191,68 @@ def test_a_storage_that_cannot_be_opened_is_named_with_the_fix(tmp_path, data_di
         cfg = tune_cfg(tmp_path, data_dir, f"tune.storage={storage}")
         with pytest.raises(TuneError, match=f"tune.storage={storage} cannot be opened .* Use a"):
             tune(cfg)
+
+
+class CtrlCAt(L.Callback):
+    """Presses Ctrl-C in epoch ``epoch`` (0-based): as its first batch starts, or when its
+    validation ends (``when: validation``)."""
+
+    def __init__(self, epoch: int, when: str = "batch"):
+        self.epoch, self.when = epoch, when
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.when == "batch" and trainer.current_epoch == self.epoch and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        last = self.when == "validation" and trainer.current_epoch == self.epoch
+        if last and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_trial_stopped_after_its_last_batch_is_complete(tmp_path, data_dir):
+    ctrl_c = "+callbacks.ctrl_c={_target_: test_tune.CtrlCAt, epoch: 1, when: validation}"
+    cfg = tune_cfg(tmp_path, data_dir, ctrl_c)
+    with pytest.raises(Interrupted, match="Stopped by SIGINT"):
+        tune(cfg)
+    (trial,) = optuna.load_study(study_name="mnist_cnn", storage=cfg.tune.storage).trials
+    assert trial.state == TrialState.COMPLETE and not trial.user_attrs["stopped"]
+    assert tune(tune_cfg(tmp_path, data_dir))["best_trial"] == 0  # nothing left to run
+
+
+def test_a_stopped_trial_that_no_longer_fits_the_search_space_is_not_run_again(
+    tmp_path, data_dir, caplog
+):
+    cfg = tune_cfg(tmp_path, data_dir, "+callbacks.ctrl_c={_target_: test_tune.CtrlCAt, epoch: 1}")
+    with pytest.raises(Interrupted, match="Stopped by SIGINT at step 3"):
+        tune(cfg)
+    best = tune(tune_cfg(tmp_path, data_dir, "~search_space.hidden"))
+    assert "trial 0 was stopped; it does not run again: the search space now searches" in (
+        caplog.text
+    )
+    study = optuna.load_study(study_name="mnist_cnn", storage=cfg.tune.storage)
+    stopped, done = study.trials
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["stopped"]
+    assert done.state == TrialState.COMPLETE and not retries(done)
+    assert "model.net.hidden" not in best["params"] and "model.net.hidden" not in best["command"]
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("tune.seed=abc", "null or an integer >= 0"),
+        ("tune.heartbeat_interval=0", "an integer >= 1 (seconds)"),
+        ("tune.grace_period=-1", "an integer >= 1 (seconds)"),
+        ("tune.study_name=a/b", "a name without /"),
+        ("tune.study_name=''", "a name without /"),
+    ],
+)
+def test_bad_tune_settings_are_refused_before_hydra_starts(bad, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        preflight([bad], config_name="tune")
+
+
+def test_a_sampler_or_pruner_that_cannot_be_built_is_named(tmp_path, data_dir):
+    cfg = tune_cfg(tmp_path, data_dir, "tune.pruner._target_=optuna.pruners.Nope")
+    with pytest.raises(TuneError, match="Cannot build tune.pruner from the config: .*Nope"):
+        tune(cfg)
