@@ -200,9 +200,14 @@ class CtrlCInSetup(L.Callback):
 
 
 def test_a_ctrl_c_before_training_starts_is_interrupted_not_lightnings_exit(make_cfg):
-    cfg = make_cfg("+callbacks.c={_target_: test_faults.CtrlCInSetup}")
-    with pytest.raises(Interrupted, match=r"Ctrl-C at step 0 without saving \(none was saved\)"):
-        train(cfg)
+    # as in a terminal: a job started in the background (CI's, nohup's) inherits SIGINT ignored
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cfg = make_cfg("+callbacks.c={_target_: test_faults.CtrlCInSetup}")
+        with pytest.raises(Interrupted, match=r"Ctrl-C at step 0 without saving \(none was saved"):
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_a_sigterm_during_the_test_says_how_to_run_it_again(make_cfg):
