@@ -172,7 +172,7 @@ def open_study(cfg: DictConfig) -> optuna.Study:
         optuna.storages.fail_stale_trials(study)  # killed ones: queued again by Retry
         # a trial stopped by Ctrl-C or SIGTERM failed; queue it again, like a killed one
         trials = study.get_trials(deepcopy=False)
-        retried = {n for t in trials for n in Retry.retry_history(t)}
+        retried = {n for t in trials for n in retries(t)}
         for t in trials:
             if t.state != TrialState.FAIL or not t.user_attrs.get("stopped") or t.number in retried:
                 continue
@@ -238,6 +238,26 @@ def resume_problem(run_dir: Path, max_epochs: int | None) -> str | None:
     return None
 
 
+def continuation(
+    study: optuna.Study, trial: optuna.Trial, out: Path, max_epochs: int | None
+) -> tuple[Path, list | None]:
+    """The run dir of ``trial`` and, when it continues a stopped or killed trial from that
+    trial's dir (the "dir" it inherits), the ``[epoch, value]`` pairs the stopped one reported."""
+    run_dir = out / "trials" / f"{trial.number:03d}"
+    before = retries(study.get_trials(deepcopy=False)[trial.number])
+    if not before:
+        return run_dir, None
+    stopped_dir = Path(trial.user_attrs.get("dir", run_dir))
+    if problem := resume_problem(stopped_dir, max_epochs):
+        log.info(
+            "trial %d runs trial %d again from the start: %s", trial.number, before[-1], problem
+        )
+        return run_dir, None
+    stopped = study.get_trials(deepcopy=False)[before[-1]]
+    log.info("trial %d continues trial %d from %s", trial.number, before[-1], stopped_dir)
+    return stopped_dir, sorted([k, v] for k, v in stopped.intermediate_values.items())
+
+
 def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Run trials until the study has ``tune.n_trials`` finished ones; save and return the best
     (``best.yaml``: trial, value, params, command). ``overrides``: the command line's.
@@ -264,24 +284,7 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             raise Interrupted(_SIGTERM[0], None)
         params = {s.key: suggest(trial, s.key, s) for s in cfg.search_space.values()}
         trial.set_user_attr("params", params)  # what runs (a retry's params may hold more)
-        run_dir = out / "trials" / f"{trial.number:03d}"
-        # a stopped or killed trial run again: continue in its dir (the "dir" it inherits)
-        before = retries(study.get_trials(deepcopy=False)[trial.number])
-        history = None
-        if before:
-            stopped_dir = Path(trial.user_attrs.get("dir", run_dir))
-            if problem := resume_problem(stopped_dir, cfg.trainer.get("max_epochs")):
-                log.info(
-                    "trial %d runs trial %d again from the start: %s",
-                    trial.number,
-                    before[-1],
-                    problem,
-                )
-            else:
-                run_dir = stopped_dir
-                stopped = study.get_trials(deepcopy=False)[before[-1]]
-                history = sorted([k, v] for k, v in stopped.intermediate_values.items())
-                log.info("trial %d continues trial %d from %s", trial.number, before[-1], run_dir)
+        run_dir, history = continuation(study, trial, out, cfg.trainer.get("max_epochs"))
         trial.set_user_attr("dir", str(run_dir))
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()))
         _RUNNING[trial.number] = trial
