@@ -11,7 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import MNIST
 
-from mnist_cnn.predict import load_image, preprocess
+from mnist_cnn.images import open_image, prepare
 from mnist_cnn.train import train
 
 
@@ -87,20 +87,20 @@ def test_preprocess_turns_a_user_style_image_back_into_the_mnist_digit(data_dir)
     rng = np.random.default_rng(0)
     for digit in digits:
         original = torch.from_numpy(digit).float() / 255
-        assert (preprocess(Image.fromarray(digit))[0] - original).abs().mean() < 0.02
-        x = preprocess(user_style(digit, rng))
+        assert (prepare(Image.fromarray(digit))[0] - original).abs().mean() < 0.02
+        x = prepare(user_style(digit, rng))
         assert x.shape == (1, 28, 28) and x.min() >= 0 and 0.5 < x.max() <= 1
         assert (x[0] - original).abs().mean() < 0.1  # the same digit, resampled twice
 
 
-def test_load_image_flattens_transparency_onto_white(tmp_path):
+def test_open_image_flattens_transparency_onto_white(tmp_path):
     image = Image.new("RGBA", (50, 50), (0, 0, 0, 0))  # transparent black background
     image.paste((0, 0, 0, 255), (20, 10, 30, 40))  # an opaque black bar: a "1"
     image.save(tmp_path / "one.png")
-    x = preprocess(load_image(tmp_path / "one.png"))[0]
+    x = prepare(open_image(tmp_path / "one.png"))[0]
     assert x[0, 0] == 0 and x[14, 14] > 0.5  # ink in the middle, black background
     with pytest.raises(ValueError, match="blank"):
-        preprocess(Image.new("L", (30, 30), 255))
+        prepare(Image.new("L", (30, 30), 255))
 
 
 def test_predict_reports_missing_and_unreadable_files_and_classifies_the_rest(
@@ -121,8 +121,9 @@ def test_predict_reports_missing_and_unreadable_files_and_classifies_the_rest(
     proc = cli("predict", f"ckpt_path={ckpt}", inputs, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     (line,) = proc.stdout.splitlines()
-    file, digit_out, probability = line.split("\t")
-    assert file == str(good) and 0 <= int(digit_out) <= 9 and 0 < float(probability) <= 1
+    file, name, index, probability = line.split("\t")  # the class name, then its index
+    assert file == str(good) and 0 <= int(index) <= 9 and 0 < float(probability) <= 1
+    assert name == index  # MNIST's class names are the digits
     errors = proc.stderr.splitlines()
     for name in ("corrupt.png", "cut.png", "gone.png"):
         assert sum(name in e and e.startswith("error: ") for e in errors) == 1, (name, errors)
@@ -152,7 +153,8 @@ def test_predict_classifies_user_style_mnist_test_digits_with_95_percent(
     ckpt = full_epoch[0] / "checkpoints" / "last.ckpt"
     proc = cli("predict", f"ckpt_path={ckpt}", f"inputs=[{images}]", cwd=tmp_path)
     assert proc.returncode == 1 and "broken.png" in proc.stderr, proc.stderr[-3000:]
-    predicted = {f: int(d) for f, d, _ in (line.split("\t") for line in proc.stdout.splitlines())}
+    rows = (line.split("\t") for line in proc.stdout.splitlines())
+    predicted = {f: int(index) for f, _, index, _ in rows}
     assert predicted.keys() == labels.keys()
     accuracy = np.mean([predicted[f] == label for f, label in labels.items()])
     assert accuracy >= 0.95, accuracy
