@@ -64,9 +64,10 @@ def _open_file(path: Path) -> io.BufferedReader:
 
 
 def _too_large(name: str, pixels: int | None) -> ImageTooLarge:
+    size = f"{pixels:,} pixels" if pixels else "its size"
     return ImageTooLarge(
         name,
-        f"{f'{pixels:,} pixels' if pixels else 'its size'} is more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+        f"{size} is more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
         "(PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb or an over-large image; "
         "scale it down to a few megapixels",
     )
