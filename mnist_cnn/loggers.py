@@ -1,0 +1,278 @@
+"""Experiment trackers: MLflow (``logger=mlflow``) and Weights & Biases (``logger=wandb``).
+
+Lightning's loggers, plus what a run dir needs (see docs/tracking.md):
+- the tracker's run id kept in the run dir (``mlflow_run_id.txt``, ``wandb_run_id.txt``), so
+  ``resume=true`` continues the same tracked run;
+- the composed config as parameters (as ``run_info.yaml`` records it, every ``${...}``
+  resolved), the git commit and the run dir as tags;
+- ``figures/*.png`` and ``model.pt`` uploaded when fit and test end (``artifacts``).
+
+python -m mnist_cnn.train logger=mlflow   # mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db
+python -m mnist_cnn.train logger=wandb    # offline; wandb sync outputs/runs/<run>/wandb/offline-*
+"""
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import yaml
+from filelock import FileLock
+from lightning.fabric.utilities.logger import _convert_params
+from lightning.pytorch.loggers import mlflow as lightning_mlflow
+from lightning.pytorch.loggers import wandb as lightning_wandb
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+from mnist_cnn import runinfo
+from mnist_cnn.validate import ConfigError
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = ("figures/*.png", "model.pt")  # relative to the run dir
+
+
+def require(package: str) -> None:
+    """Raise ``ConfigError`` naming the extra to install when ``package`` cannot be imported."""
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(
+            f"logger={package} needs the {package} package: pip install -e '.[{package}]'"
+        ) from None
+
+
+def saved_id(run_dir: Path, tracker: str) -> str | None:
+    """The run id ``tracker`` kept in ``run_dir``, if any."""
+    path = run_dir / f"{tracker}_run_id.txt"
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def save_id(run_dir: Path, tracker: str, run_id: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"{tracker}_run_id.txt").write_text(f"{run_id}\n")
+
+
+def composed_config(run_dir: Path, fallback: dict) -> dict:
+    """This start's config, resolved, from ``run_info.yaml`` (``runinfo.RunRecord`` writes it when
+    fit starts, before Lightning logs hyper-parameters); without it, ``fallback``."""
+    path = run_dir / "run_info.yaml"
+    starts = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return (starts[-1].get("config") if starts else None) or fallback
+
+
+def flat(config: dict, prefix: str = "") -> dict[str, str]:
+    """``{"model": {"optimizer": {"lr": 0.001}}}`` as ``{"model.optimizer.lr": "0.001"}``."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out |= flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = (
+                value if isinstance(value, str) else json.dumps(value, default=str)
+            )
+    return out
+
+
+def changed_files(run_dir: Path, patterns, seen: dict[Path, tuple]) -> list[Path]:
+    """The files matching ``patterns`` under ``run_dir`` that are new or changed since ``seen``
+    (updated): the test's finalize does not upload fit's files again, nor a resume the files
+    of the run's earlier starts."""
+    files = []
+    for pattern in patterns:
+        for path in sorted(run_dir.glob(pattern)):
+            stat = path.stat()
+            if path.is_file() and seen.get(path) != (stat.st_mtime_ns, stat.st_size):
+                seen[path] = (stat.st_mtime_ns, stat.st_size)
+                files.append(path)
+    return files
+
+
+def git_tags() -> dict[str, str]:
+    git = runinfo.info()["git"]
+    tags = {"mlflow.source.git.commit": git["commit"], "git.dirty": git["dirty"]}
+    return {
+        k: str(v).lower() if isinstance(v, bool) else v for k, v in tags.items() if v is not None
+    }
+
+
+def store_lock(tracking_uri: str | None):
+    """A lock beside a SQLite store, for what two runs starting together (a -m sweep on joblib)
+    must not both do: create the store's tables or the experiment (one of them would fail)."""
+    if not (tracking_uri or "").startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{path}.lock")
+
+
+class MLFlowLogger(lightning_mlflow.MLFlowLogger):
+    """Lightning's ``MLFlowLogger`` for one run dir (``conf/logger/mlflow.yaml``).
+
+    A run dir holding ``mlflow_run_id.txt`` continues that MLflow run (a resume); a parameter a
+    resume changes keeps its first value (MLflow's rule) and the new one is the tag
+    ``resumed.<key>``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        experiment_name: str = "mnist_cnn",
+        run_name: str | None = None,
+        artifacts=ARTIFACTS,
+        **kwargs,
+    ):
+        require("mlflow")
+        self.run_dir = Path(run_dir)
+        self.artifacts = list(artifacts)
+        self._uploaded: dict[Path, tuple] = {}
+        changed_files(self.run_dir, self.artifacts, self._uploaded)  # what is there already
+        run_name = run_name or self.run_dir.name
+        with store_lock(kwargs.get("tracking_uri")):  # opening a new store creates its tables
+            super().__init__(experiment_name=experiment_name, run_name=run_name, **kwargs)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._initialized:
+            return self._mlflow_client
+        self._find_run()
+        client = super().experiment
+        save_id(self.run_dir, "mlflow", self._run_id)
+        from mlflow.entities import RunTag
+
+        tags = {"run_dir": str(self.run_dir.resolve()), **git_tags()}
+        client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        return client
+
+    def _find_run(self) -> None:
+        """The run this run dir logged to before, else the experiment to start one in (made here:
+        Lightning would warn that it was missing)."""
+        from mlflow.exceptions import MlflowException
+
+        client = self._mlflow_client
+        if self._run_id is None and (run_id := saved_id(self.run_dir, "mlflow")):
+            try:
+                active = client.get_run(run_id).info.lifecycle_stage == "active"
+            except MlflowException:
+                active = False
+            if active:
+                self._run_id = run_id
+                client.update_run(run_id, status="RUNNING")
+                return
+            log.warning(
+                "MLflow run %s (%s) is not in %s: starting a new run",
+                run_id,
+                self.run_dir / "mlflow_run_id.txt",
+                self._tracking_uri,
+            )
+        if self._run_id is None and self._experiment_id is None:
+            with store_lock(self._tracking_uri):
+                found = client.get_experiment_by_name(self._experiment_name)
+                if found is None:
+                    self._experiment_id = client.create_experiment(
+                        self._experiment_name, artifact_location=self._artifact_location
+                    )
+                elif found.lifecycle_stage == "active":
+                    self._experiment_id = found.experiment_id
+                else:
+                    raise ConfigError(
+                        f"The MLflow experiment {self._experiment_name} is deleted in "
+                        f"{self._tracking_uri}: name another, logger.mlflow.experiment_name=NAME."
+                    )
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        from mlflow.entities import Param, RunTag
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+        config = _convert_params(params)
+        values = {
+            k: v[:MAX_PARAM_VAL_LENGTH]
+            for k, v in flat(composed_config(self.run_dir, config)).items()
+        }
+        client, run_id = self.experiment, self.run_id
+        logged = client.get_run(run_id).data.params  # a resume's, or fit's when test starts
+        new = [Param(k, v) for k, v in values.items() if k not in logged]
+        changed = [RunTag(f"resumed.{k}", v) for k, v in values.items() if logged.get(k, v) != v]
+        for i in range(0, max(len(new), len(changed)), MAX_PARAMS_TAGS_PER_BATCH):
+            part = slice(i, i + MAX_PARAMS_TAGS_PER_BATCH)
+            client.log_batch(run_id, params=new[part], tags=changed[part])
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if self._initialized and status != "failed":
+            for path in changed_files(self.run_dir, self.artifacts, self._uploaded):
+                folder = path.parent.relative_to(self.run_dir).as_posix()
+                self.experiment.log_artifact(
+                    self.run_id, str(path), None if folder == "." else folder
+                )
+        super().finalize(status)
+
+
+class WandbLogger(lightning_wandb.WandbLogger):
+    """Lightning's ``WandbLogger`` for one run dir (``conf/logger/wandb.yaml``): offline unless
+    ``mode=online``, files in ``<run dir>/wandb/``, the run id in ``wandb_run_id.txt`` (a resume
+    continues the same run), figures as images and ``model.pt`` saved with the run."""
+
+    _last_run = None  # the run the previous WandbLogger of this process started
+
+    def __init__(
+        self,
+        run_dir: str,
+        project: str = "mnist_cnn",
+        name: str | None = None,
+        artifacts=ARTIFACTS,
+        **kwargs,
+    ):
+        require("wandb")
+        self.run_dir = Path(run_dir)
+        self.artifacts = list(artifacts)
+        self._uploaded: dict[Path, tuple] = {}
+        changed_files(self.run_dir, self.artifacts, self._uploaded)  # what is there already
+        run_id = saved_id(self.run_dir, "wandb") or secrets.token_hex(4)
+        name = name or self.run_dir.name
+        super().__init__(name, str(self.run_dir), id=run_id, project=project, **kwargs)
+        self._wandb_init.pop("anonymous")  # wandb warns that it has no effect, even when None
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            import wandb
+
+            # wandb keeps one run per process: finish an earlier train()'s (a notebook, a sweep)
+            if wandb.run is not None and wandb.run is WandbLogger._last_run:
+                wandb.run.finish()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            WandbLogger._last_run = run = super().experiment
+            if not run.disabled:  # mode=disabled: a stand-in run, nothing kept
+                save_id(self.run_dir, "wandb", run.id)  # wandb records the git commit itself
+        return self._experiment
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        config = _convert_params(params)
+        super().log_hyperparams(composed_config(self.run_dir, config))
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        run = self._experiment
+        if run is not None and not run.disabled and status != "failed":
+            for path in changed_files(self.run_dir, self.artifacts, self._uploaded):
+                name = path.relative_to(self.run_dir)
+                if path.suffix == ".png":  # figures/x.png: the image figures/x
+                    self.log_image(name.with_suffix("").as_posix(), [str(path)])
+                else:  # a file in the run's files/ is uploaded with the run (wandb.save warns)
+                    target = Path(run.dir) / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.unlink(missing_ok=True)
+                    try:
+                        os.link(path, target)
+                    except OSError:  # another file system
+                        shutil.copy2(path, target)
+        super().finalize(status)
