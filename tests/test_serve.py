@@ -1,0 +1,252 @@
+"""python -m mnist_cnn.serve as a real server process on 127.0.0.1, with a real checkpoint, its
+answers compared with python -m mnist_cnn.predict's for the same files."""
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_images import bomb_png, forged_png, parse, photo, predict_cli, save_jpeg, small_checkpoint
+from torchvision.datasets import MNIST
+
+pytest.importorskip("litserve", reason="the serve extra: pip install -e '.[serve]'")
+
+MAX_BYTES = 1_000_000  # the server's max_bytes in these tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_cli(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_cnn.serve", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+@contextlib.contextmanager
+def serving(ckpt: Path, cwd: Path, *overrides: str):
+    """``python -m mnist_cnn.serve`` on a free port until it answers /health; yields its URL.
+    Afterwards SIGTERM must stop it and all its processes (LitServe's workers) within 60 s."""
+    port = free_port()
+    log = cwd / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mnist_cnn.serve",
+                f"ckpt_path={ckpt}",
+                f"port={port}",
+                *overrides,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,  # its own process group: nothing is left behind
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, f"the server exited {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no answer on /health:\n{log.read_text()}"
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(url + "/health", timeout=5) as response,
+            ):
+                if response.read() == b"ok":
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            stopped = proc.wait(timeout=60) is not None
+        except subprocess.TimeoutExpired:
+            stopped = False
+        leftovers = group_alive(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert stopped and not leftovers, f"SIGTERM left processes running:\n{log.read_text()[-3000:]}"
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (zombies excluded), after a few seconds' grace."""
+    for _ in range(20):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.25)
+    return True
+
+
+def post(url: str, body: bytes, content_type: str | None = "image/png") -> tuple[int, dict]:
+    """(status, JSON answer) of ``POST url/predict``."""
+    request = urllib.request.Request(url + "/predict", data=body, method="POST")
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def as_json(data: bytes, prefix: str = "") -> bytes:
+    return json.dumps({"image": prefix + base64.b64encode(data).decode()}).encode()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, data_dir):
+    return small_checkpoint(tmp_path_factory, data_dir)
+
+
+@pytest.fixture(scope="module")
+def digits(ckpt, data_dir, tmp_path_factory):
+    """32 different test digits as files (PNG, RGB PNG, a JPEG photo with EXIF orientation,
+    16-bit PNG) and predict's answer for each: ``{path: (class, index, probability)}``."""
+    test = MNIST(str(data_dir), train=False)
+    folder = tmp_path_factory.mktemp("digits")
+    for i in range(32):
+        digit = test.data[100 + i].numpy()
+        kind = i % 4
+        if kind == 0:
+            Image.fromarray(255 - digit).resize((90, 90)).save(folder / f"{i:02d}.png")
+        elif kind == 1:
+            Image.fromarray(digit).convert("RGB").save(folder / f"{i:02d}.png")
+        elif kind == 2:
+            save_jpeg(photo(digit), folder / f"{i:02d}.jpg", orientation=6)
+        else:
+            Image.fromarray((255 - digit).astype(np.uint16) * 257).save(folder / f"{i:02d}.png")
+    proc = predict_cli(ckpt, folder, cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = parse(proc.stdout)
+    assert len(answers) == 32
+    return {folder / name: answer for name, answer in answers.items()}
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("serve")
+    with serving(ckpt, cwd, f"max_bytes={MAX_BYTES}") as url:
+        yield url
+    assert list(cwd.iterdir()) == [cwd / "serve.log"]  # serving writes nothing (no client.py)
+
+
+def check_answer(status: int, answer: dict, expected: tuple[str, int, float]) -> None:
+    assert status == 200, answer
+    name, index, probability = expected
+    assert (answer["class"], answer["index"]) == (name, index)
+    assert answer["probability"] == pytest.approx(probability, abs=1e-3)  # predict prints 4 places
+    assert answer["classes"] == [str(i) for i in range(10)]
+    assert answer["probabilities"][index] == answer["probability"] == max(answer["probabilities"])
+    assert sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
+
+
+def test_png_jpeg_and_base64_json_are_answered_as_predict_answers(server, digits):
+    for path, expected in list(digits.items())[:4]:  # one of each kind
+        data = path.read_bytes()
+        kind = "image/jpeg" if path.suffix == ".jpg" else "image/png"
+        check_answer(*post(server, data, kind), expected)
+        check_answer(*post(server, as_json(data), "application/json"), expected)
+        data_url = f"data:{kind};base64,"  # what a browser's canvas.toDataURL() gives
+        check_answer(*post(server, as_json(data, data_url), "application/json"), expected)
+    path, expected = next(iter(digits.items()))
+    check_answer(*post(server, path.read_bytes(), None), expected)  # no Content-Type: bytes
+
+
+def test_bad_bodies_are_4xx_with_a_message_and_serving_goes_on(server, digits, tmp_path):
+    Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
+    png = next(iter(digits)).read_bytes()
+    cases = [
+        (b"just some text", "image/png", 400, "not an image Pillow can read"),
+        (b"", "image/png", 400, "the request body is empty"),
+        (png[:300], "image/png", 400, "damaged or truncated"),
+        (b"x" * (MAX_BYTES + 1), "image/png", 413, f"max_bytes={MAX_BYTES:,}"),
+        (bomb_png(), "image/png", 413, "decompression bomb"),
+        (forged_png(), "image/png", 413, "10,000,000,000 pixels"),
+        (as_json(forged_png()), "application/json", 413, "decompression bomb"),
+        ((tmp_path / "blank.png").read_bytes(), "image/png", 400, "blank"),
+        (b"{not json", "application/json", 400, "not valid JSON"),
+        (b'{"picture": "abc"}', "application/json", 400, 'no "image" string'),
+        (b'{"image": "***"}', "application/json", 400, "not valid base64"),
+        (as_json(b"not an image"), "application/json", 400, "not an image Pillow can read"),
+    ]
+    first, expected = next(iter(digits.items()))
+    for body, kind, status, words in cases:
+        got, answer = post(server, body, kind)
+        assert (got, set(answer)) == (status, {"detail"}), (words, got, answer)
+        assert words in answer["detail"], (words, answer)
+        if status == 400:  # says what to send
+            assert "image/png" in answer["detail"] or "blank" in answer["detail"], answer
+        check_answer(*post(server, first.read_bytes()), expected)  # still serving
+
+
+def test_32_concurrent_requests_each_get_their_own_answer_bad_ones_alongside(server, digits):
+    start = threading.Barrier(36)
+
+    def ask(body: bytes, kind: str = "image/png"):
+        start.wait()
+        return post(server, body, kind)
+
+    paths = list(digits)
+    with ThreadPoolExecutor(36) as pool:
+        good = [pool.submit(ask, p.read_bytes()) for p in paths]
+        bad = [pool.submit(ask, b"junk"), pool.submit(ask, b""), pool.submit(ask, forged_png())]
+        bad.append(pool.submit(ask, b"{", "application/json"))
+        for path, future in zip(paths, good, strict=True):
+            check_answer(*future.result(), digits[path])
+        assert [f.result()[0] for f in bad] == [400, 400, 413, 400]
+
+
+def test_the_page_is_at_the_root(server):
+    with urllib.request.urlopen(server + "/", timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/html")
+        page = response.read().decode()
+    assert '<canvas id="canvas"' in page and 'fetch("predict"' in page
+
+
+def test_bad_settings_and_checkpoints_are_one_line_and_exit_2(ckpt, tmp_path):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            ([], "ckpt_path is required"),
+            ([f"ckpt_path={bogus}"], f"Cannot use checkpoint {bogus}"),
+            ([f"ckpt_path={ckpt}", f"port={port}"], f"port={port}: cannot listen on 127.0.0.1"),
+            ([f"ckpt_path={ckpt}", "host=example.com"], "host='example.com'"),
+            ([f"ckpt_path={ckpt}", "max_batch_size=0"], "max_batch_size=0: a whole number"),
+        ]
+        for args, words in cases:
+            proc = serve_cli(*args, cwd=tmp_path)
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            assert len(lines) == 1 and words in lines[0], (words, proc.stderr)
+    assert sorted(tmp_path.iterdir()) == [bogus]
