@@ -119,8 +119,11 @@ class ClassifierAPI(ls.LitAPI):
         return torch.from_numpy(request)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        single = x.dim() == 3  # max_batch_size=1: LitServe does not batch
+        x = x.to(self.device)
         with torch.inference_mode():
-            return self.model(x.to(self.device)).float().softmax(-1).cpu()
+            probs = self.model(x[None] if single else x).float().softmax(-1).cpu()
+        return probs[0] if single else probs
 
     def encode_response(self, probs: torch.Tensor) -> dict:
         index = int(probs.argmax())
@@ -165,6 +168,7 @@ def check(cfg: DictConfig) -> None:
             f"batch_timeout={cfg.batch_timeout} must be less than timeout={cfg.timeout}"
         )
     with socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is fine
         try:
             s.bind((cfg.host, cfg.port))
         except OSError as e:

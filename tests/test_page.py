@@ -29,7 +29,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, data_dir):
     ckpt = small_checkpoint(tmp_path_factory, data_dir)
-    with serving(ckpt, tmp_path_factory.mktemp("page_server")) as url:
+    # one request at a time: LitServe's loop without batching (test_serve.py covers batches)
+    cwd = tmp_path_factory.mktemp("page_server")
+    with serving(ckpt, cwd, "max_batch_size=1", "batch_timeout=0") as url:
         yield url
 
 
