@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAIN_PID = os.getpid()
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe listens on
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 SEND = (
     "send the image file's bytes with Content-Type: image/png (or image/jpeg, ...), "
     'or JSON {"image": "<base64 of the file>"} with Content-Type: application/json'
@@ -156,6 +157,18 @@ def check(cfg: DictConfig) -> None:
             f"host={cfg.host!r}: LitServe listens on 127.0.0.1 (this machine only), "
             "0.0.0.0 or :: (every interface)"
         )
+    if cfg.accelerator not in ACCELERATORS:
+        raise ConfigError(
+            f"accelerator={cfg.accelerator!r}: use one of {', '.join(ACCELERATORS)} "
+            "(auto: the GPU when there is one)"
+        )
+    if cfg.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"accelerator={cfg.accelerator}: torch sees no CUDA GPU here; "
+            "pass accelerator=auto or accelerator=cpu"
+        )
+    if cfg.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("accelerator=mps: torch sees no Apple GPU here; pass accelerator=auto")
     whole("port", 1024, 65535)
     whole("max_batch_size", 1)
     whole("workers", 1)

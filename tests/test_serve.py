@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_images import bomb_png, forged_png, parse, photo, predict_cli, save_jpeg, small_checkpoint
 from torchvision.datasets import MNIST
@@ -151,7 +152,8 @@ def digits(ckpt, data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("serve")
-    with serving(ckpt, cwd, f"max_bytes={MAX_BYTES}") as url:
+    # on the CPU, as predict: the answers must match to 1e-3 (test_page.py serves with auto)
+    with serving(ckpt, cwd, f"max_bytes={MAX_BYTES}", "accelerator=cpu") as url:
         yield url
     assert list(cwd.iterdir()) == [cwd / "serve.log"]  # serving writes nothing (no client.py)
 
@@ -243,7 +245,10 @@ def test_bad_settings_and_checkpoints_are_one_line_and_exit_2(ckpt, tmp_path):
             ([f"ckpt_path={ckpt}", f"port={port}"], f"port={port}: cannot listen on 127.0.0.1"),
             ([f"ckpt_path={ckpt}", "host=example.com"], "host='example.com'"),
             ([f"ckpt_path={ckpt}", "max_batch_size=0"], "max_batch_size=0: a whole number"),
+            ([f"ckpt_path={ckpt}", "accelerator=tpu"], "accelerator='tpu': use one of auto"),
         ]
+        if not torch.cuda.is_available():
+            cases.append(([f"ckpt_path={ckpt}", "accelerator=cuda"], "torch sees no CUDA GPU"))
         for args, words in cases:
             proc = serve_cli(*args, cwd=tmp_path)
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
