@@ -28,6 +28,24 @@ def fast_precision(accelerator: str = "auto") -> str:
     return "32-true"
 
 
+def run_dir(resume, new_dir: str, log_dir: str) -> str:
+    """``hydra.run.dir``: ``new_dir``, or the run that ``resume`` names (``true``: the newest run
+    under ``<log_dir>/runs``), so a resume continues in its own dir with one composition."""
+    if resume in (False, None, "false"):
+        return new_dir
+    from mnist_cnn.checkpoint import find_run  # torch: only when resuming
+
+    return str(find_run(log_dir, True if resume in (True, "true") else resume).resolve())
+
+
+def hydra_subdir(resume) -> str:
+    """``hydra.output_subdir``: a resume's Hydra files wait in ``.hydra/pending`` until the run
+    starts (``runinfo.RunRecord``), so a resume that fails leaves the run's record as it was."""
+    return ".hydra" if resume in (False, None, "false") else ".hydra/pending"
+
+
+OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
+OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)
 OmegaConf.register_new_resolver("fast_precision", fast_precision, replace=True)
 OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT), replace=True)
 OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)

@@ -36,9 +36,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
 from torch import nn
 
-from mnist_cnn import ROOT
+from mnist_cnn import CONFIG_DIR, ROOT
 from mnist_cnn.model import build_cnn
 
 VARIANTS = ("notebook", "lightning", "plain")
@@ -121,9 +122,9 @@ class ComputeClock:
     def install(cls, optimizer_target: str) -> None:
         import hydra
 
-        from mnist_cnn.module import MNISTClassifier
+        from mnist_cnn.module import Classifier
 
-        MNISTClassifier.training_step = cls._wrap(MNISTClassifier.training_step, True)
+        Classifier.training_step = cls._wrap(Classifier.training_step, True)
         torch.Tensor.backward = cls._wrap(torch.Tensor.backward)
         module = sys.modules[hydra.utils.get_class(optimizer_target).__module__]
         update = getattr(module, module.__name__.rsplit(".", 1)[-1], None)  # adam.adam, sgd.sgd
@@ -522,10 +523,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from mnist_cnn.checkpoint import CheckpointError
     from mnist_cnn.data import DataError, prepare_mnist
-    from mnist_cnn.validate import ConfigError, preflight
+    from mnist_cnn.validate import ConfigError, check, explain
 
     try:
-        preflight(args.overrides)  # before any variant runs
+        try:  # the overrides, before any variant runs
+            with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+                check(compose("train", overrides=args.overrides))
+        except Exception as e:
+            if (message := explain(e)) is None:
+                raise
+            raise ConfigError(message) from None
         prepare_mnist(args.data_dir)
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except (ConfigError, CheckpointError, DataError) as e:

@@ -8,19 +8,17 @@ import random
 import signal
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
-KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
+STAGES = ("train/", "val/")  # the epoch line and history: every metric the module logs
 
 
 class EpochSummary(L.Callback):
@@ -34,20 +32,21 @@ class EpochSummary(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
 
-    @rank_zero_only
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        metrics = trainer.callback_metrics
+        metrics = trainer.callback_metrics  # every rank: computing them syncs across ranks
         row = {"epoch": trainer.current_epoch + 1, "seconds": time.perf_counter() - self._start}
-        row |= {k: float(metrics[k]) for k in KEYS if k in metrics}
+        row |= {k: float(v) for k, v in metrics.items() if k.startswith(STAGES) and v.numel() == 1}
         self.history.append(row)
+        if not trainer.is_global_zero:
+            return
         parts = [f"epoch {row['epoch']}/{trainer.max_epochs}"]
         for stage in ("train", "val"):
-            if f"{stage}/loss" in row:
-                parts.append(
-                    f"{stage} loss {row[f'{stage}/loss']:.4f} acc {row[f'{stage}/acc']:.4f}"
-                )
+            names = [k for k in row if k.startswith(f"{stage}/") and not k.endswith("_best")]
+            if names:
+                values = " ".join(f"{k.split('/', 1)[1]} {row[k]:.4f}" for k in names)
+                parts.append(f"{stage} {values}")
         parts.append(f"{row['seconds']:.1f}s")
         log.info(" | ".join(parts))
 
@@ -60,28 +59,75 @@ class EpochSummary(L.Callback):
         self._start = time.perf_counter() - state_dict.get("epoch_seconds", 0.0)
 
 
-class StepCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` writing only ``last.ckpt`` during training: every
-    ``every_n_seconds`` of training (Lightning's ``train_time_interval``), or every
-    ``every_n_train_steps`` steps when that is set, so a ``kill -9`` loses at most that much.
-    Unlike the base class it does not also save when training ends (it would replace the main
-    callback's epoch-end ``last.ckpt``)."""
+class LastCheckpoint(Checkpoint):
+    """The one writer of ``<dirpath>/last.ckpt``: at every epoch's end, when fit ends, every
+    ``every_n_seconds`` of training (or every ``every_n_train_steps`` steps), on Ctrl-C/SIGTERM
+    (``GracefulStop``) and when an exception stops fit, so a ``kill -9`` loses at most that much.
+
+    Ours, not ``ModelCheckpoint(save_last=True)``: Lightning 2.6 rewrites ``last.ckpt`` only in
+    epochs whose monitored metric improved, and its ``save_on_exception`` writes an extra file
+    named like a best checkpoint. A ``Checkpoint``: Lightning runs it after the other callbacks
+    (``train`` puts it after any ``ModelCheckpoint``), so the file holds their epoch's state.
+    """
 
     def __init__(
         self, dirpath: str, every_n_seconds: float = 60, every_n_train_steps: int | None = None
     ):
-        interval = None if every_n_train_steps else timedelta(seconds=every_n_seconds)
-        super().__init__(
-            dirpath=dirpath,
-            every_n_train_steps=every_n_train_steps,
-            train_time_interval=interval,
-            save_top_k=0,
-            save_last=True,
-            enable_version_counter=False,
-        )
+        self.dirpath, self.every_n_seconds = str(dirpath), every_n_seconds
+        self.every_n_train_steps = every_n_train_steps
+        self.path = os.path.join(self.dirpath, "last.ckpt")
+        self._saved_step: int | None = None
+        self._clock = time.monotonic()
+
+    def save(self, trainer) -> str:
+        """Write ``last.ckpt`` now (the full state, to resume); return its path."""
+        # a second Ctrl-C now would break torch.save mid-file: the save finishes first
+        main = threading.current_thread() is threading.main_thread()
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            trainer.save_checkpoint(self.path, weights_only=False)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, handler)
+        self._saved_step, self._clock = trainer.global_step, time.monotonic()
+        return self.path
+
+    def _due(self, trainer) -> bool:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return False
+        return self._saved_step != trainer.global_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_step, self._clock = trainer.global_step, time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_train_steps:
+            due = trainer.global_step % self.every_n_train_steps == 0
+        else:
+            due = time.monotonic() - self._clock >= self.every_n_seconds
+            if trainer.world_size > 1:  # every rank saves together (save_checkpoint syncs)
+                due = trainer.strategy.broadcast(due)
+        if due and self._due(trainer):
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.fast_dev_run and not trainer.sanity_checking:
+            self.save(trainer)  # even with no new step: the epoch's end is recorded
 
     def on_train_end(self, trainer, pl_module) -> None:
-        """Nothing: the main checkpoint callback has saved ``last.ckpt`` at the epoch's end."""
+        if self._due(trainer):
+            self.save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # a signal saves in GracefulStop; a divergence must not save non-finite weights
+        if isinstance(exception, Interrupted | Diverged | KeyboardInterrupt | SIGTERMException):
+            return
+        if trainer.state.fn == "fit" and self._due(trainer) and trainer.global_step > 0:
+            try:
+                self.save(trainer)
+                log.warning("saved %s before the error below", self.path)
+            except Exception:  # the original error is the one to show
+                log.warning("could not save %s after the error below", self.path)
 
 
 class RNGState(L.Callback):
@@ -199,19 +245,8 @@ class GracefulStop(L.Callback):
             self.checkpoint = self._save(trainer)
 
     def _save(self, trainer) -> str | None:
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is None or checkpoint.dirpath is None:
-            return None
-        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + ".ckpt")
-        # a second Ctrl-C now would break torch.save mid-file: the save finishes first
-        main = threading.current_thread() is threading.main_thread()
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        try:
-            trainer.save_checkpoint(path, weights_only=False)  # the full state, to resume
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, handler)
-        return path
+        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        return last.save(trainer) if last is not None else None
 
 
 class FiniteCheck(L.Callback):

@@ -6,10 +6,12 @@
 import os
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
 
-from mnist_cnn.module import MNISTClassifier
+from mnist_cnn.module import Classifier, checked_target
 
 
 class CheckpointError(RuntimeError):
@@ -26,7 +28,7 @@ def _fail(path, problem: str, fix: str = FIX) -> CheckpointError:
     return CheckpointError(f"Cannot use checkpoint {path}: {problem}. {fix}")
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", fix: str = FIX) -> dict:
+def load_checkpoint(path: str | Path, map_location="cpu", fix: str = FIX, lightning=True) -> dict:
     """The checkpoint dict, read with ``weights_only=True`` (no code from the file runs); a
     ``CheckpointError`` that ends with ``fix`` when it is missing, damaged or not ours."""
     path = Path(path)
@@ -38,6 +40,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", fix: str = FIX) -> dic
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights-only errors all mean "not a usable checkpoint"
         raise _fail(path, f"it is not a readable checkpoint ({type(e).__name__})", fix) from None
+    if not lightning:  # e.g. the weights ddp_spawn's processes hand back
+        return state
     if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
         raise _fail(path, "it holds no Lightning state_dict and hyper_parameters", fix)
     return state
@@ -70,7 +74,7 @@ def check_continuation(state: dict, path, max_epochs: int | None, resume: bool) 
     )
 
 
-def check_weights(model: MNISTClassifier, state: dict, path) -> None:
+def check_weights(model: Classifier, state: dict, path) -> None:
     """Raise ``CheckpointError`` when the checkpoint's weights do not fit ``model`` (a different
     ``model.net``) or its optimizer state is another optimizer's; on success ``model`` holds
     the weights."""
@@ -93,13 +97,46 @@ def check_weights(model: MNISTClassifier, state: dict, path) -> None:
         ) from None
 
 
-def load_model(path: str | Path, map_location="cpu") -> MNISTClassifier:
-    """An ``MNISTClassifier`` in eval mode with the checkpoint's weights."""
+def _hparams_problem(hp: dict) -> str | None:
+    """What is wrong with a checkpoint's description of its data and network, before any of it
+    is built (a crafted file must not make us allocate or import anything it likes)."""
+    classes, channels, size = hp.get("classes"), hp.get("channels", 1), hp.get("image_size", 28)
+    if classes is not None and not (
+        isinstance(classes, list)
+        and 1 <= len(classes) <= 100_000
+        and all(isinstance(c, str) for c in classes)
+    ):
+        return "its classes are not a list of names"
+    if not (isinstance(channels, int) and 1 <= channels <= 4):
+        return f"its channels={channels!r} is not 1 to 4"
+    if not (isinstance(size, int) and 1 <= size <= 4096):
+        return f"its image_size={size!r} is not 1 to 4096"
+    for key, base in (("net", nn.Module), ("datamodule", L.LightningDataModule)):
+        if hp.get(key) is not None:
+            try:
+                checked_target(hp[key], base, key)
+            except (ImportError, ValueError, TypeError, AttributeError) as e:
+                return f"its {key} cannot be used ({e})"
+    return None
+
+
+def load_model(path: str | Path, map_location="cpu") -> Classifier:
+    """A ``Classifier`` in eval mode with the checkpoint's weights. Its hyper-parameters are
+    checked, and the network is first built on the meta device (no memory) to compare its
+    shapes with the weights', before anything real is built."""
     state = load_checkpoint(path, map_location)
+    hp = state["hyper_parameters"]
+    if problem := _hparams_problem(hp):
+        raise _fail(path, problem)
     try:
-        model = MNISTClassifier(**state["hyper_parameters"])
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in Classifier(**hp).state_dict().items()}
+        saved = {k: v.shape for k, v in state["state_dict"].items()}
+        if wrong := [k for k in shapes.keys() | saved.keys() if shapes.get(k) != saved.get(k)]:
+            raise RuntimeError(f"{sorted(wrong)[0]} does not match its network")
+        model = Classifier(**hp)
         model.load_state_dict(state["state_dict"])
-    except (TypeError, RuntimeError) as e:
+    except (TypeError, RuntimeError, ValueError) as e:
         raise _fail(path, f"its weights do not fit the model ({str(e).splitlines()[0]})") from None
     return model.eval()
 
@@ -128,7 +165,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        return load_checkpoint(path, map_location=map_location)
+        # Lightning also reads its own temporary files here (ddp_spawn's weights)
+        return load_checkpoint(path, map_location=map_location, lightning=".temp" not in str(path))
 
 
 def find_run(log_dir: str | Path, run: str | Path | bool = True) -> Path:
@@ -138,15 +176,24 @@ def find_run(log_dir: str | Path, run: str | Path | bool = True) -> Path:
     >>> find_run("outputs")  # doctest: +SKIP
     PosixPath('outputs/runs/2026-01-01_12-00-00_a1b2c3')
     """
+    from mnist_cnn.runinfo import run_holder
+
     if run is True:
         lasts = sorted(Path(log_dir).glob("runs/*/checkpoints/last.ckpt"), key=os.path.getmtime)
-        if not lasts:
+        idle = [p for p in lasts if run_holder(p.parents[1]) is None]  # never a live run
+        if not idle:
+            live = f" ({len(lasts)} in use by live processes)" if lasts else ""
             raise CheckpointError(
-                f"resume=true found no run with checkpoints/last.ckpt in {log_dir}/runs"
+                f"resume=true found no run with checkpoints/last.ckpt in {log_dir}/runs{live}"
                 ". Start a new run (leave out resume), or name the run: resume=outputs/runs/<run>."
             )
-        return lasts[-1].parents[1]
+        return idle[-1].parents[1]
     run = Path(run)
+    if holder := run_holder(run):
+        raise CheckpointError(
+            f"Cannot resume {run}: {holder} is training in it. Wait for it to finish or stop it "
+            "(Ctrl-C saves last.ckpt), then resume."
+        )
     last = run / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise CheckpointError(

@@ -1,4 +1,4 @@
-"""Test a checkpoint on the official 10,000-image test set: loss and accuracy.
+"""Test a checkpoint: loss and its metrics on the test split of the data it was trained on.
 
 python -m mnist_cnn.eval ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt
 python -m mnist_cnn.eval ckpt_path=... trainer.accelerator=cpu data.eval_batch_size=500
@@ -8,13 +8,33 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from mnist_cnn.checkpoint import CheckpointError, load_model
 from mnist_cnn.data import DataError
-from mnist_cnn.validate import ConfigError, check, run_checked
+from mnist_cnn.module import checked_target
+from mnist_cnn.validate import ConfigError, check, run, task
 
 log = logging.getLogger(__name__)
+
+
+def data_config(cfg: DictConfig, saved: dict | None) -> tuple[DictConfig, str]:
+    """The data to test on: the checkpoint's own datamodule (``saved``) with this command line's
+    ``data.*`` values over it, or ``cfg.data`` when the command line picks ``data=<option>`` or
+    the checkpoint names no datamodule; and which it is, in words."""
+    given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    parsed = OverridesParser.create().parse_overrides(list(given))
+    if not saved or any(o.key_or_group == "data" for o in parsed):
+        return cfg.data, "the data config of this command"
+    checked_target(saved, L.LightningDataModule, "the checkpoint's datamodule")
+    data = OmegaConf.create(saved)
+    for o in parsed:
+        if o.key_or_group.startswith("data."):
+            OmegaConf.update(data, o.key_or_group[5:], o.value(), force_add=True)
+    return data, "the data the checkpoint was trained on; data=<option> picks another"
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -26,7 +46,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     check(cfg)
     model = load_model(cfg.ckpt_path)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    data, source = data_config(cfg, model.hparams.get("datamodule"))
+    log.info("testing on %s (%s)", data.get("_target_"), source)
+    datamodule = hydra.utils.instantiate(data)
     trainer = hydra.utils.instantiate(
         cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False
     )
@@ -35,6 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@task
 def main(cfg: DictConfig) -> dict[str, float]:
     try:
         metrics = evaluate(cfg)
@@ -48,4 +71,4 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    run_checked(main, "eval")
+    run(main)

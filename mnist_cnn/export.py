@@ -1,13 +1,12 @@
-"""The trained network for use without Lightning: ``model.pt`` (a state_dict plus the
-``build_cnn`` arguments, written by every run) and ONNX with a dynamic batch.
+"""The trained network for use without Lightning: ``model.pt`` (the network's state_dict, its
+config with ``_target_``, and the class names and input shape; written by every run) and ONNX
+with a dynamic batch.
 
 python -m mnist_cnn.export ckpt_path=outputs/runs/<run>/checkpoints/last.ckpt            # ONNX
 python -m mnist_cnn.export ckpt_path=... format=pt output=model.pt
 
-Loading ``model.pt`` needs torch and this package's ``build_cnn`` only:
-
->>> weights = torch.load("outputs/runs/<run>/model.pt", weights_only=True)  # doctest: +SKIP
->>> net = build_cnn(**weights["net"]); net.load_state_dict(weights["state_dict"])  # doctest: +SKIP
+>>> net, info = load_weights("outputs/runs/<run>/model.pt")  # doctest: +SKIP
+>>> info["classes"], net(torch.zeros(1, info["channels"], 28, 28)).shape  # doctest: +SKIP
 """
 
 import logging
@@ -22,8 +21,8 @@ import torch
 from omegaconf import DictConfig
 
 from mnist_cnn.checkpoint import CheckpointError, load_checkpoint, load_model
-from mnist_cnn.model import build_cnn
-from mnist_cnn.validate import ConfigError, file_in_the_way, run_checked
+from mnist_cnn.module import net_config
+from mnist_cnn.validate import ConfigError, file_in_the_way, run, task
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +31,27 @@ ONNX_TOLERANCE = 1e-4  # max abs difference of the logits, ONNX Runtime vs PyTor
 
 
 def weights(checkpoint: dict) -> dict:
-    """``{"state_dict": <the nn.Sequential's>, "net": <build_cnn kwargs>}`` from a Lightning
-    checkpoint dict (plain types and tensors only: loads with ``weights_only=True``)."""
+    """The network alone from a Lightning checkpoint dict: ``state_dict``, ``net`` (its full
+    config), ``classes``, ``channels``, ``image_size``, ``preprocess`` (plain types and tensors
+    only: loads with ``weights_only=True``)."""
+    hp = checkpoint["hyper_parameters"]
     state = {k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    net = dict(checkpoint["hyper_parameters"].get("net") or {})
-    build_cnn(**net).load_state_dict(state)  # fails here, not in the user's hands
-    return {"state_dict": state, "net": net}
+    net = net_config(hp)
+    hydra.utils.instantiate(net).load_state_dict(state)  # fails here, not in the user's hands
+    info = {k: hp[k] for k in ("classes", "channels", "image_size", "preprocess")}
+    return {"state_dict": state, "net": net, **info}
+
+
+def load_weights(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The network of a ``model.pt`` in eval mode, and the rest of the file (classes, input
+    shape); its class is checked to be an ``nn.Module`` before it is built."""
+    from mnist_cnn.module import checked_target
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    checked_target(saved["net"], torch.nn.Module, "net")
+    net = hydra.utils.instantiate(saved["net"])
+    net.load_state_dict(saved["state_dict"])
+    return net.eval(), saved
 
 
 @contextmanager
@@ -87,7 +101,7 @@ class ExportError(RuntimeError):
     """An export that does not reproduce the network; nothing is written."""
 
 
-def export_onnx(net: torch.nn.Module, path: str | Path) -> float:
+def export_onnx(net: torch.nn.Module, path: str | Path, shape=(1, 28, 28)) -> float:
     """Write ``net`` as ONNX with a dynamic batch; return the max abs difference of its outputs
     in ONNX Runtime against PyTorch on a random batch (raises when above ``ONNX_TOLERANCE``)."""
     import onnxruntime as ort  # the `onnx` extra
@@ -96,7 +110,7 @@ def export_onnx(net: torch.nn.Module, path: str | Path) -> float:
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(
         net,
-        (torch.rand(2, 1, 28, 28),),
+        (torch.rand(2, *shape),),
         str(path),
         input_names=["images"],
         output_names=["logits"],
@@ -104,7 +118,7 @@ def export_onnx(net: torch.nn.Module, path: str | Path) -> float:
         external_data=False,  # one file
         verbose=False,
     )
-    x = torch.rand(7, 1, 28, 28)  # another batch size than the export's: the batch is dynamic
+    x = torch.rand(7, *shape)  # another batch size than the export's: the batch is dynamic
     with torch.no_grad():
         expected = net(x).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -159,10 +173,11 @@ def export(cfg: DictConfig) -> Path:
             f"format=onnx needs the onnx extra ({e.name} is not installed): "
             "pip install -e '.[onnx]'"
         ) from None
-    net = load_model(ckpt).net
+    model = load_model(ckpt)
+    shape = (model.hparams.channels, model.hparams.image_size, model.hparams.image_size)
     try:
         with writing(output) as partial:
-            diff = export_onnx(net, partial)
+            diff = export_onnx(model.net, partial, shape)
     except OSError as e:
         raise _cannot_write(output, e, cfg.format) from None
     print(f"wrote {output} (ONNX Runtime vs PyTorch: max abs diff {diff:.1e})")
@@ -179,6 +194,7 @@ def _cannot_write(output: Path, why: OSError | str, fmt: str) -> ConfigError:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@task
 def main(cfg: DictConfig) -> None:
     try:
         export(cfg)
@@ -191,4 +207,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_checked(main, "export")
+    run(main)

@@ -1,27 +1,83 @@
-"""The LightningModule: the notebook's CNN with CrossEntropy, the configured optimizer and metrics.
+"""The LightningModule: any network (``model.net``, a Hydra ``_target_``) with CrossEntropy, the
+configured optimizer and the configured torchmetrics (``model.metrics``), logged per epoch as
+``train/<name>``, ``val/<name>`` and ``test/<name>`` beside ``<stage>/loss``.
 
->>> module = MNISTClassifier()
+>>> module = Classifier()
 >>> module(torch.zeros(2, 1, 28, 28)).shape
 torch.Size([2, 10])
 """
 
+import inspect
 import math
 import os
+import typing
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import get_object
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection
 
-from mnist_cnn.model import build_cnn
+from mnist_cnn.validate import ConfigError
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.001}
+SEED_CNN = {"_target_": "mnist_cnn.model.build_cnn"}
+ACCURACY = {
+    "acc": {
+        "_target_": "torchmetrics.classification.MulticlassAccuracy",
+        "average": "micro",
+        "validate_args": False,
+    }
+}
+# what a network or metric may be told about the data, when its signature asks for it
+DATA_ARGS = ("in_channels", "num_classes", "image_size")
+
+
+class TargetError(ConfigError):
+    """A ``_target_`` that is not the kind of class the key needs."""
+
+
+def checked_target(config: dict, base: type, key: str):
+    """The class or factory ``config["_target_"]`` names, when it is a subclass of ``base`` or a
+    function annotated to return one; checked before anything is built (a checkpoint names
+    its classes, and must not be able to name any other callable)."""
+    target = config.get("_target_") if isinstance(config, dict) else None
+    if not isinstance(target, str):
+        raise TargetError(f"{key} needs a _target_ naming a {base.__name__} class")
+    obj = get_object(target)  # ImportError or ValueError when it does not exist
+    if inspect.isclass(obj) and issubclass(obj, base):
+        return obj
+    returns = typing.get_type_hints(obj).get("return") if inspect.isfunction(obj) else None
+    if inspect.isclass(returns) and issubclass(returns, base):
+        return obj
+    raise TargetError(
+        f"{key}._target_={target} is not a {base.__name__} subclass, nor a function annotated "
+        f"to return one (def make(...) -> {base.__name__})"
+    )
+
+
+def completed(config: dict, base: type, key: str, data: dict) -> dict:
+    """``config`` with those of ``data`` (channels, classes, size) its target accepts."""
+    params = inspect.signature(checked_target(config, base, key)).parameters
+    return {**{k: v for k, v in data.items() if k in params}, **config}
+
+
+def _build(config: dict, base: type, key: str, data: dict):
+    return hydra.utils.instantiate(completed(config, base, key, data))
+
+
+def net_config(hparams) -> dict:
+    """The network's full config in a module's hyper-parameters: ``_target_``, its arguments and
+    what it is told about the data; ``hydra.utils.instantiate`` rebuilds it alone."""
+    data = {"in_channels": hparams["channels"], "num_classes": len(hparams["classes"])}
+    data["image_size"] = hparams["image_size"]
+    return completed(dict(hparams["net"]), nn.Module, "model.net", data)
+
 
 # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork-safe CUDA checks). Without a GPU, every
 # torch.cuda.is_available() then tries to load NVML, and torch's optimizers ask at every step
@@ -68,33 +124,52 @@ class EMA(EMAWeightAveraging):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
-class MNISTClassifier(L.LightningModule):
-    """``net`` holds ``build_cnn`` keyword arguments; ``optimizer`` and ``scheduler`` are Hydra
-    configs with ``_partial_: true``, instantiated in ``configure_optimizers``."""
+class Classifier(L.LightningModule):
+    """``net``: the network's config (``_target_`` and its arguments); it is given
+    ``in_channels``, ``num_classes`` and ``image_size`` from the data when its signature asks.
+    ``metrics``: ``{name: torchmetrics config}``, each given ``num_classes``. ``optimizer`` and
+    ``scheduler``: Hydra configs with ``_partial_: true``, built in ``configure_optimizers``.
+    ``classes``, ``channels``, ``image_size``, ``preprocess`` and ``datamodule`` describe the
+    data, so a checkpoint alone rebuilds everything (eval, predict, export, serve)."""
 
     def __init__(
         self,
         net: dict | None = None,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
+        metrics: dict | None = None,
+        classes: list | None = None,
+        channels: int = 1,
+        image_size: int = 28,
+        preprocess: str = "mnist",
+        datamodule: dict | None = None,
         channels_last: bool = False,
         augment: dict | None = None,
         compile: bool = False,
         label_smoothing: float = 0.0,
     ):
         super().__init__()
+        classes = [str(c) for c in (_plain(classes) or range(10))]
         self.save_hyperparameters(
             {
-                "net": _plain(net) or {},
+                "net": _plain(net) or dict(SEED_CNN),
                 "optimizer": _plain(optimizer) or dict(ADAM),
                 "scheduler": _plain(scheduler),
+                "metrics": _plain(metrics) if metrics is not None else dict(ACCURACY),
+                "classes": classes,
+                "channels": int(channels),
+                "image_size": int(image_size),
+                "preprocess": preprocess,
+                "datamodule": _plain(datamodule),
                 "channels_last": channels_last,
                 "augment": _plain(augment),
                 "compile": compile,
                 "label_smoothing": label_smoothing,
             }
         )
-        self.net = build_cnn(**self.hparams.net)
+        data = {"in_channels": int(channels), "num_classes": len(classes)}
+        data["image_size"] = int(image_size)
+        self.net = _build(self.hparams.net, nn.Module, "model.net", data)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:  # the state_dict keeps its names: compile wraps, self.net stays the module
@@ -102,9 +177,15 @@ class MNISTClassifier(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # no input checks and no NaN filtering: each is a host-device sync per step on a GPU;
         # the labels come from the datamodule, and a NaN loss shows in the mean (FiniteCheck)
-        self.train_acc, self.val_acc, self.test_acc = (
-            MulticlassAccuracy(num_classes=10, average="micro", validate_args=False)
-            for _ in range(3)
+        made = {
+            name: _build(
+                dict(config), Metric, f"model.metrics.{name}", {"num_classes": len(classes)}
+            )
+            for name, config in (self.hparams.metrics or {}).items()
+        }
+        self.train_metrics, self.val_metrics, self.test_metrics = (
+            MetricCollection({k: m.clone() for k, m in made.items()}, prefix=f"{stage}/")
+            for stage in ("train", "val", "test")
         )
         self.train_loss, self.val_loss, self.test_loss = (
             MeanMetric(nan_strategy="disable") for _ in range(3)
@@ -112,11 +193,23 @@ class MNISTClassifier(L.LightningModule):
         self.val_acc_best = MaxMetric()
         # kept in checkpoints: a resumed run remembers the best, and the epoch's train metrics
         # so far when it resumes mid-epoch
-        for metric in (self.val_acc_best, self.train_loss, self.train_acc):
+        for metric in (self.val_acc_best, self.train_loss, *self.train_metrics.values()):
             metric.persistent(True)
         self._train_logged = False
 
+    def logged_metrics(self) -> list[str]:
+        """The names this module logs: ``train/loss``, ``train/<metric>``, ... ``test/<metric>``,
+        and ``val/acc_best`` when there is an ``acc`` metric."""
+        names = [
+            f"{s}/{m}" for s in ("train", "val", "test") for m in ("loss", *self.hparams.metrics)
+        ]
+        return names + (["val/acc_best"] if "acc" in self.hparams.metrics else [])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:  # images as stored (0..255), e.g. from a notebook
+            x = x.float().div(255)
+        if x.dtype != self.dtype and x.is_floating_point():  # e.g. precision=bf16-true
+            x = x.to(self.dtype)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
@@ -127,23 +220,25 @@ class MNISTClassifier(L.LightningModule):
         loss = self.criterion(logits, y)
         # update, not forward: the values are logged per epoch, so no per-batch compute
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(y))
-        getattr(self, f"{stage}_acc").update(logits.detach(), y)
-        for name in ("loss", "acc") if log else ():
-            metric = getattr(self, f"{stage}_{name}")
-            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=True)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), y)
+        if log:
+            kw = {"on_step": False, "on_epoch": True, "prog_bar": True}
+            self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), **kw)
+            self.log_dict(metrics, **kw)
         return loss
 
     def on_train_epoch_start(self) -> None:
         # not called when resuming mid-epoch: the metrics then keep the checkpoint's batches
         self.train_loss.reset()
-        self.train_acc.reset()
+        self.train_metrics.reset()
         self._train_logged = False
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         if self.hparams.augment:
             batch = (random_affine(batch[0], **self.hparams.augment), batch[1])
         # Lightning keeps a logged Metric and computes and resets it at the epoch's end, so one
-        # self.log per epoch gives the same values as one per step (which costs 2% of a step)
+        # self.log per epoch gives the same values as one per step
         loss = self._step(batch, "train", log=not self._train_logged)
         self._train_logged = True
         return loss
@@ -160,9 +255,9 @@ class MNISTClassifier(L.LightningModule):
         return self(x).softmax(dim=-1)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking or "acc" not in self.val_metrics:
             return
-        self.val_acc_best(self.val_acc.compute())
+        self.val_acc_best(self.val_metrics["acc"].compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
@@ -182,3 +277,32 @@ class MNISTClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": lr_scheduler, "interval": interval},
         }
+
+
+def logged_metrics(model: L.LightningModule) -> list[str]:
+    """What ``model`` logs, for the checks of ``monitor`` and ``optimized_metric``: its own
+    ``logged_metrics()`` when it has one (a user's module may not: then nothing is checked)."""
+    names = getattr(model, "logged_metrics", None)
+    return names() if callable(names) else []
+
+
+def make_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None):
+    """The ``cfg.model`` module, told what the datamodule holds (``classes``, ``channels``,
+    ``image_size``, ``preprocess``) and the datamodule's own config, so the checkpoint names
+    its data; the optimizer and scheduler classes are looked up now, before any work."""
+    told = {}
+    if datamodule is not None:
+        for key in ("classes", "channels", "image_size", "preprocess"):
+            if hasattr(datamodule, key):
+                told[key] = getattr(datamodule, key)
+        target = cfg.data.get("_target_") if cfg.get("data") else None
+        told["datamodule"] = {"_target_": target, **_plain(dict(datamodule.hparams))}
+    target = get_object(cfg.model._target_) if "_target_" in cfg.model else None
+    if target is not None and not issubclass(target, Classifier):
+        params = inspect.signature(target).parameters  # a user's module: what it accepts
+        told = {k: v for k, v in told.items() if k in params}
+    model = hydra.utils.instantiate(cfg.model, _recursive_=False, **told)
+    for part in ("optimizer", "scheduler"):
+        if cfg.model.get(part):
+            hydra.utils.get_method(cfg.model[part]._target_)
+    return model

@@ -27,8 +27,10 @@ from mnist_cnn.callbacks import EpochSummary
 
 log = logging.getLogger(__name__)
 
-FIT_METRICS = ("val/acc_best", "val/acc", "val/loss", "train/acc", "train/loss")
-TEST_METRICS = ("test/acc", "test/loss")
+def _names(pl_module) -> list[str]:
+    """What the module logs (``Classifier.logged_metrics``), else what it has logged so far."""
+    names = getattr(pl_module, "logged_metrics", None)
+    return names() if callable(names) else sorted(pl_module.trainer.callback_metrics)
 
 
 def _figure(**kwargs) -> Figure:
@@ -66,24 +68,28 @@ def learning_curves(history: list[dict]) -> Figure:
     return fig
 
 
-def prediction_grid(images: torch.Tensor, labels, preds) -> Figure:
-    """A 2x6 grid of the first 12 ``images`` (N, 1, 28, 28) titled with the predicted label;
-    a wrong prediction is titled in red with the true label, e.g. ``5 (true 3)``."""
+def prediction_grid(images: torch.Tensor, labels, preds, classes=None) -> Figure:
+    """A 2x6 grid of the first 12 ``images`` (N, C, H, W) titled with the predicted class;
+    a wrong prediction is titled in red with the true class, e.g. ``5 (true 3)``."""
     fig = _figure(figsize=(9, 3.6), layout="constrained")
     axes = fig.subplots(2, 6).flat  # fewer than 12 images leave empty axes
+    name = (lambda i: classes[i]) if classes else str
     for ax, image, label, pred in zip(axes, images, labels, preds, strict=False):
         label, pred = int(label), int(pred)
-        ax.imshow(image.squeeze().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        pixels = image.cpu().float().permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=1)
         right = label == pred
-        ax.set_title(f"{pred}" if right else f"{pred} (true {label})", color="k" if right else "r")
+        title = name(pred) if right else f"{name(pred)} (true {name(label)})"
+        ax.set_title(title, color="k" if right else "r")
         ax.axis("off")
     return fig
 
 
-def confusion_matrix(metric: MulticlassConfusionMatrix) -> Figure:
+def confusion_matrix(metric: MulticlassConfusionMatrix, classes=None) -> Figure:
     """torchmetrics' plot of a computed confusion matrix: true label by row, predicted by column."""
     fig = _figure(figsize=(7, 6), layout="constrained")
-    metric.plot(ax=fig.subplots(), labels=[str(i) for i in range(metric.num_classes)])
+    labels = list(classes) if classes else [str(i) for i in range(metric.num_classes)]
+    metric.plot(ax=fig.subplots(), labels=labels)
     fig.axes[0].set_title("Confusion matrix (test set)")
     return fig
 
@@ -112,6 +118,7 @@ class Figures(L.Callback):
         self._hook = None
         self._confmat: MulticlassConfusionMatrix | None = None
         self._sample: list[torch.Tensor] = []
+        self._classes: list[str] = []
 
     def _emit(self, trainer, name: str, fig: Figure) -> None:
         path = save(fig, Path(trainer.default_root_dir) / self.folder / f"{name}.png")
@@ -131,15 +138,18 @@ class Figures(L.Callback):
             params |= _flat({"data": dict(trainer.datamodule.hparams)})
         params["trainer.max_epochs"] = trainer.max_epochs
         # the columns; their values are the runs' own scalars with these tags
-        exp, start, end = hparams(params, dict.fromkeys(FIT_METRICS + TEST_METRICS, 0.0))
+        exp, start, end = hparams(params, dict.fromkeys(_names(pl_module), 0.0))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                writer = logger.experiment._get_file_writer()  # as Lightning's log_hyperparams
+                # as Lightning's log_hyperparams(params, metrics) does, without its logging of
+                # the metrics at step 0 (a false first point on every curve)
+                writer = logger.experiment._get_file_writer()
                 for summary_proto in (exp, start, end):
                     writer.add_summary(summary_proto, trainer.global_step)
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self._confmat = MulticlassConfusionMatrix(num_classes=10).to(pl_module.device)
+        self._classes = list(pl_module.hparams.get("classes") or [])
+        self._confmat = None  # made at the first batch: the class count is the logits' width
         self._sample = []
         self._hook = pl_module.register_forward_hook(self._keep_logits)
 
@@ -149,16 +159,22 @@ class Figures(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         x, y = batch
         preds = self._logits.argmax(-1)  # from the forward pass test_step just made
+        if self._confmat is None:
+            width = self._logits.shape[-1]
+            self._confmat = MulticlassConfusionMatrix(num_classes=width).to(pl_module.device)
         self._confmat.update(preds, y)
         if not self._sample:
             self._sample = [x[:12].cpu().float(), y[:12].cpu(), preds[:12].cpu()]
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._hook.remove()
+        if self._confmat is None:  # no test batch
+            return
         self._confmat.compute()  # syncs across processes; every rank takes part
         if trainer.is_global_zero and self._sample:
-            self._emit(trainer, "predictions", prediction_grid(*self._sample))
-            self._emit(trainer, "confusion_matrix", confusion_matrix(self._confmat))
+            grid = prediction_grid(*self._sample, classes=self._classes)
+            self._emit(trainer, "predictions", grid)
+            self._emit(trainer, "confusion_matrix", confusion_matrix(self._confmat, self._classes))
 
 
 class LRMonitor(LearningRateMonitor):

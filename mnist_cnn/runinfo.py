@@ -6,6 +6,8 @@ interpolation resolved (e.g. the precision ``auto`` picked), in ``<run dir>/run_
 >>> record("outputs/runs/<run>")  # doctest: +SKIP
 """
 
+import fcntl
+import os
 import platform
 import shlex
 import subprocess
@@ -16,14 +18,66 @@ from pathlib import Path
 
 import lightning as L
 import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_cnn import ROOT
+from mnist_cnn.validate import ConfigError
 
-PENDING = ".hydra/pending"  # a resume's Hydra files, until the run starts (validate.preflight)
+PENDING = ".hydra/pending"  # a resume's Hydra files, until the run starts (hydra_subdir)
 PACKAGES = ("mnist_cnn", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core")
 PACKAGES += ("omegaconf", "numpy", "tensorboard")
+
+
+LOCK = ".run.lock"  # held by the process training in the run dir
+_held: dict[str, int] = {}  # run dir -> open file descriptor, for the process's life
+
+
+def run_holder(run_dir: str | Path) -> str | None:
+    """Who is training in ``run_dir`` now ("pid 12, python -m ..."), or None when nobody is: the
+    lock is an flock, which the OS releases when its process dies, kill -9 included."""
+    path = Path(run_dir) / LOCK
+    if str(path) in _held or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+
+def lock_run(run_dir: str | Path) -> None:
+    """Hold ``run_dir``'s lock for this process's life; ``RunInUse`` when another holds it."""
+    path = Path(run_dir) / LOCK
+    if str(path) in _held:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunInUse(
+            f"{run_dir} is in use: {holder} is training in it. Wait for it to finish or stop "
+            "it (Ctrl-C saves last.ckpt), then resume; or start a new run (leave out resume)."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}: {info()['command']}".encode(), 0)
+    _held[str(path)] = fd
+
+
+class RunInUse(ConfigError):
+    """Another live process trains in the run dir."""
 
 
 def _git(*args: str) -> str | None:
@@ -67,14 +121,14 @@ def info(resumed_from: str | None = None, config: dict | None = None) -> dict:
 
 @rank_zero_only  # DDP ranks share the run dir; one entry per start
 def record(
-    run_dir: str | Path, resumed_from: str | None = None, cfg: DictConfig | None = None
+    run_dir: str | Path, resumed_from: str | None = None, cfg: DictConfig | dict | None = None
 ) -> Path | None:
     """Append this start, with ``cfg`` resolved, to ``<run_dir>/run_info.yaml`` (a list, oldest
     first); return its path."""
     path = Path(run_dir) / "run_info.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     starts = yaml.safe_load(path.read_text()) if path.is_file() else []
-    config = None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     starts = [*(starts or []), info(resumed_from, config)]
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(yaml.safe_dump(starts, sort_keys=False))
@@ -82,24 +136,92 @@ def record(
     return path
 
 
+def _read_yaml(path: Path, fix: str):
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"Cannot read {path} ({type(e).__name__}): {fix}") from None
+
+
+def resumed_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
+    """For ``resume``: the resumed run's own config (``.hydra/config.yaml``) with this command
+    line's values applied over it, and the run's overrides followed by this command line's.
+    Outside a Hydra run (``train(cfg)`` from Python) ``cfg`` is used as it is."""
+    run = Path(cfg.paths.output_dir)
+    saved = run / ".hydra" / "config.yaml"
+    if not HydraConfig.initialized() or not saved.is_file():
+        return cfg, []
+    fix = f"repair or delete it, then resume with the same overrides as that run (resume={run})."
+    old = OmegaConf.create(_read_yaml(saved, fix) or {})
+    old_overrides = _read_yaml(run / ".hydra" / "overrides.yaml", fix) or []
+    old_choices = (_read_yaml(run / ".hydra" / "hydra.yaml", fix) or {}).get("hydra", {})
+    old_choices = old_choices.get("runtime", {}).get("choices", {})
+    hydra_cfg = HydraConfig.get()
+    given = [o for o in hydra_cfg.overrides.task]
+    parser = OverridesParser.create()
+    choices = hydra_cfg.runtime.choices
+    for o in parser.parse_overrides(given):
+        key = o.key_or_group
+        if key in ("resume", "ckpt_path") or key.startswith("hydra"):
+            continue
+        if key in choices or key.lstrip("+~") in choices:  # a config group
+            group = key.lstrip("+~")
+            if str(old_choices.get(group)) != str(choices.get(group)):
+                raise ConfigError(
+                    f"Cannot resume {run} with {o.input_line}: it was trained with "
+                    f"{group}={old_choices.get(group)}, and a resume keeps the run's groups. "
+                    f"Start a new run from its checkpoint instead: ckpt_path={run}/checkpoints/"
+                    "last.ckpt " + o.input_line
+                )
+            continue
+        with open_dict(old):
+            if o.is_delete():
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(old, parent) if parent else old
+                if isinstance(node, DictConfig):
+                    node.pop(leaf, None)
+            else:
+                OmegaConf.update(old, key, o.value(), force_add=True)
+    with open_dict(old):
+        old.resume, old.paths = cfg.resume, cfg.paths
+    keys = {o.key_or_group for o in parser.parse_overrides(given)}
+    kept = [line for line in old_overrides if parser.parse_override(line).key_or_group not in keys]
+    return old, [*kept, *given]
+
+
 @rank_zero_only
-def commit_hydra_files(run_dir: str | Path) -> None:
-    """Move a resume's ``.hydra/pending/*.yaml`` over ``.hydra/*.yaml`` once the run starts, so a
-    resume that fails its checks leaves the run's config and overrides as they were."""
-    pending = Path(run_dir) / PENDING
+def write_resumed_files(run_dir: str | Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """A resume that starts: its effective config and overrides become the run's record."""
+    pending, hydra_dir = Path(run_dir) / PENDING, Path(run_dir) / ".hydra"
     for file in pending.glob("*.yaml"):
-        file.replace(pending.parent / file.name)
+        if file.name == "hydra.yaml":
+            file.replace(hydra_dir / file.name)
+    for name, data in (("config.yaml", OmegaConf.to_yaml(cfg)), ("overrides.yaml", None)):
+        text = data if data is not None else yaml.safe_dump(overrides, sort_keys=False)
+        tmp = hydra_dir / f".{name}.partial"
+        tmp.write_text(text)
+        tmp.replace(hydra_dir / name)
+    for file in pending.glob("*"):
+        file.unlink()
     if pending.is_dir():
         pending.rmdir()
 
 
 class RunRecord(L.Callback):
-    """When fit starts (the data read, the checkpoint loaded): ``record`` this start and
-    ``commit_hydra_files``. ``train`` adds it to every run."""
+    """When fit starts (the data read, the checkpoint loaded): ``record`` this start; for a
+    resume, make its config and overrides the run's ``.hydra/`` files. ``train`` adds it."""
 
-    def __init__(self, run_dir: str | Path, cfg: DictConfig, resumed_from: str | None = None):
-        self.run_dir, self.cfg, self.resumed_from = run_dir, cfg, resumed_from
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: dict,
+        resumed_from: str | None = None,
+        resumed: tuple[DictConfig, list[str]] | None = None,
+    ):
+        self.run_dir, self.cfg, self.resumed_from = str(run_dir), cfg, resumed_from
+        self.resumed = resumed
 
     def on_fit_start(self, trainer, pl_module) -> None:
         record(self.run_dir, self.resumed_from, self.cfg)
-        commit_hydra_files(self.run_dir)
+        if self.resumed is not None and self.resumed[1]:
+            write_resumed_files(self.run_dir, *self.resumed)

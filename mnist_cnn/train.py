@@ -7,18 +7,25 @@ python -m mnist_cnn.train resume=true                      # continue the newest
 """
 
 import logging
+import os
 import signal
 import sys
+import sysconfig
+import traceback
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from mnist_cnn import runinfo
-from mnist_cnn.callbacks import Diverged, GracefulStop, Interrupted
+from mnist_cnn import ROOT, runinfo
+from mnist_cnn.callbacks import Diverged, GracefulStop, Interrupted, LastCheckpoint
 from mnist_cnn.checkpoint import (
     CheckpointError,
     check_continuation,
@@ -26,7 +33,8 @@ from mnist_cnn.checkpoint import (
     load_checkpoint,
 )
 from mnist_cnn.data import DataError
-from mnist_cnn.validate import ConfigError, check, run_checked
+from mnist_cnn.module import logged_metrics, make_model
+from mnist_cnn.validate import ConfigError, check, check_metrics, run, task
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +47,29 @@ def instantiate_group(group: DictConfig | None) -> list:
     ]
 
 
-def make_model(cfg: DictConfig) -> L.LightningModule:
-    """The module; its optimizer and scheduler stay configs (``configure_optimizers`` builds
-    them), so their classes are looked up here, before any work."""
-    model = hydra.utils.instantiate(cfg.model, _recursive_=False)
-    for part in ("optimizer", "scheduler"):
-        if cfg.model.get(part):
-            hydra.utils.get_method(cfg.model[part]._target_)
-    return model
+def _in_user_code(error: BaseException) -> bool:
+    """Whether ``error`` was raised in a file outside the installed libraries and this package:
+    the user's own network, datamodule, callback or logger."""
+    library_dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
+    library_dirs.add(str(ROOT / "mnist_cnn"))
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and not any(frames[-1].filename.startswith(d) for d in library_dirs)
 
 
 def build(group: str, make):
-    """``make()``, with an error raised while building the ``group`` config (a bad ``_target_``,
-    an argument the class refuses, no GPU for trainer.accelerator=gpu) as a ``ConfigError``."""
+    """``make()``; an error raised while building the ``group`` config (a bad ``_target_``, an
+    argument the class refuses, no GPU for trainer.accelerator=gpu) as a one-line
+    ``ConfigError``. An error raised inside the user's own code keeps its traceback."""
     try:
         return make()
+    except ConfigError:
+        raise
     except Exception as e:  # Hydra wraps the class's own error, which names the problem
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+        if isinstance(cause, ConfigError | DataError | CheckpointError):
+            raise cause from None
+        if _in_user_code(cause):
+            raise cause from None
         words = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise ConfigError(
             f"Cannot build {group} from the config: {words}. Fix the {group}.* override on the "
@@ -62,14 +77,27 @@ def build(group: str, make):
         ) from None
 
 
+def _step_aside(cfg: DictConfig) -> None:
+    """Defaults that a user's Trainer flag would break give way: Lightning cannot clip the
+    gradients of a fused optimizer under mixed precision, so clipping turns fused off."""
+    fused = OmegaConf.select(cfg, "model.optimizer.fused", default=None)
+    if cfg.trainer.get("gradient_clip_val") and fused:
+        log.info("trainer.gradient_clip_val is set: model.optimizer.fused=false")
+        cfg.model.optimizer.fused = False
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, return the final metrics (``val/acc_best``, ``test/acc``).
 
-    ``resume=true`` continues from ``<paths.output_dir>/checkpoints/last.ckpt`` (the command
-    line points the run dir at the resumed run). Raises ``ConfigError``, ``DataError``,
+    ``resume=true`` continues from ``<paths.output_dir>/checkpoints/last.ckpt`` (Hydra's run dir
+    is the resumed run's, ``conf/hydra/default.yaml``). Raises ``ConfigError``, ``DataError``,
     ``CheckpointError``, ``Interrupted`` (Ctrl-C/SIGTERM, last.ckpt saved) or ``Diverged``.
     """
+    resumed = runinfo.resumed_config(cfg) if cfg.get("resume") else None
+    if resumed is not None:
+        cfg = resumed[0]
     check(cfg)
+    _step_aside(cfg)
     ckpt_path = cfg.get("ckpt_path")
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if cfg.get("resume"):
@@ -81,21 +109,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data))
-    model = build("model", lambda: make_model(cfg))
+    model = build("model", lambda: make_model(cfg, datamodule))
+    check_metrics(cfg, logged_metrics(model))
     if state is not None:
         check_weights(model, state, ckpt_path)  # another model.net or optimizer stops here
     callbacks = build("callbacks", lambda: instantiate_group(cfg.get("callbacks")))
-    # run_info.yaml and a resume's .hydra/ files, once the data and checkpoint are read
-    callbacks.append(runinfo.RunRecord(cfg.paths.output_dir, cfg, ckpt_path))
+    # last.ckpt after every other callback's epoch end (ModelCheckpoint's best, the history)
+    callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
+    # run_info.yaml and a resume's .hydra/ files, once the data and checkpoint are read;
+    # resolved here, where Hydra's ${hydra:...} is known (not in ddp_spawn's processes)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    callbacks.append(runinfo.RunRecord(cfg.paths.output_dir, resolved, ckpt_path, resumed))
     loggers = build("logger", lambda: instantiate_group(cfg.get("logger")))
     trainer = build(
         "trainer",
         lambda: hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False),
     )
 
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        runinfo.lock_run(cfg.paths.output_dir)  # DDP's other ranks share rank 0's dir
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:  # Lightning's own stop between batches (DDP); GracefulStop saved
         saved = stop.checkpoint if stop else None
         raise Interrupted(signal.SIGTERM, saved, trainer.global_step) from None
@@ -107,10 +142,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if stop is not None and stop.signum is not None:  # a signal after the last batch: no test
         raise Interrupted(stop.signum, stop.checkpoint, trainer.global_step, metrics=metrics)
     if cfg.get("test"):
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint else ""
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         try:
-            trainer.test(model, datamodule=datamodule, ckpt_path="best" if best else None)
+            # the path, not "best": Lightning warns about "best" with two Checkpoint callbacks
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         except (SIGTERMException, SystemExit) as e:  # complete and saved: a resume tests
             signum = signal.SIGTERM if isinstance(e, SIGTERMException) else signal.SIGINT
             saved = str(last) if last.exists() else None
@@ -122,12 +157,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+KINDS = {
+    ConfigError: "config",
+    DataError: "data",
+    CheckpointError: "checkpoint",
+    Diverged: "diverged",
+}
+
+
+def _job_failed(cfg: DictConfig, error: Exception) -> None:
+    """In a ``-m`` sweep: record the failed job for the sweep report; the other jobs go on."""
+    kind = next((k for t, k in KINDS.items() if isinstance(error, t)), "exception")
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if kind == "exception":
+        log.exception("the job failed; the sweep goes on with the other jobs")
+        line = f"{type(error).__name__}: {line}"
+    path = Path(cfg.paths.output_dir) / "job_failed.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"error": line, "kind": kind}, sort_keys=False))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@task
 def main(cfg: DictConfig) -> float | None:
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = train(cfg)
     except (ConfigError, DataError, CheckpointError, Diverged) as e:
         log.error("%s", e)
+        if sweep:
+            return _job_failed(cfg, e)
         sys.exit(2)
     except Interrupted as e:
         if e.checkpoint:
@@ -140,8 +199,12 @@ def main(cfg: DictConfig) -> float | None:
         else:
             log.warning("%s Training had not started: run the same command again.", e)
         sys.exit(128 + e.signum)
+    except Exception as e:  # the user's code: its traceback; in a sweep, the other jobs go on
+        if not sweep:
+            raise
+        return _job_failed(cfg, e)
     return metrics.get(cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
-    run_checked(main, "train")
+    run(main)

@@ -8,7 +8,8 @@ Each trial is ``train(cfg)`` on the train config plus values drawn from ``conf/s
 lives in ``outputs/tune/<study_name>/study.db`` (SQLite) with one dir per trial; ``best.yaml``
 there holds the best parameters and the ``python -m mnist_cnn.train ...`` command that
 reproduces the best trial. A trial stopped by Ctrl-C or SIGTERM, or cut off by a kill, runs again
-with its values on the next run, continuing from its ``last.ckpt`` in its own dir.
+with its values on the next run, continuing from its ``last.ckpt`` in its own dir. Any number of
+workers (the same command, started anywhere that sees ``tune.dir``) share one study.
 """
 
 import copy
@@ -24,17 +25,21 @@ import hydra
 import lightning as L
 import optuna
 import yaml
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 from mnist_cnn.callbacks import Diverged, Interrupted
 from mnist_cnn.checkpoint import CheckpointError, epochs_done, load_checkpoint
 from mnist_cnn.data import DataError
-from mnist_cnn.train import train
-from mnist_cnn.validate import ConfigError, run_checked
+from mnist_cnn.module import logged_metrics, make_model
+from mnist_cnn.train import build, train
+from mnist_cnn.validate import ConfigError, check_metrics, run, task
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,16 @@ _SIGTERM: list[int] = []  # a SIGTERM received between trials (tune's main only)
 
 class TuneError(ValueError):
     """A search space or study setting that cannot work; the message says what to change."""
+
+
+class Lost(Exception):
+    """This worker's trial was failed by another one (no heartbeat for ``tune.grace_period``,
+    e.g. this process was paused) and queued to run again: this worker leaves it."""
+
+
+def lost(trial: optuna.Trial) -> bool:
+    """Whether ``trial`` is no longer this worker's: no longer RUNNING in the study."""
+    return trial.storage.get_trial(trial._trial_id).state != TrialState.RUNNING
 
 
 class Pruning(L.Callback):
@@ -64,6 +79,8 @@ class Pruning(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
+        if lost(self.trial):
+            raise Lost()
         epoch, value = trainer.current_epoch, float(trainer.callback_metrics[self.monitor])
         self.trial.report(value, step=epoch)
         if self.trial.should_prune():
@@ -95,6 +112,33 @@ def suggest(trial: optuna.Trial, name: str, spec: DictConfig):
     )
 
 
+def search_space(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The dimensions of ``cfg.search_space`` whose ``key`` is in ``cfg``; the others do not
+    apply to this network (or data, optimizer) and are left out, with a line that names them."""
+    space, left_out = {}, []
+    for name, spec in cfg.search_space.items():
+        if not isinstance(spec, DictConfig) or not isinstance(spec.get("key"), str):
+            raise TuneError(f"search_space.{name} needs a `key:` (the config key it sets).")
+        if OmegaConf.select(cfg, spec.key, default=KeyError) is KeyError:
+            left_out.append(f"{name} ({spec.key})")
+        else:
+            space[name] = spec
+    net = OmegaConf.select(cfg, "model.net._target_")
+    if not space:
+        raise TuneError(
+            f"no key of the search space is a key of this config (model.net: {net}): "
+            f"{', '.join(left_out)}. Fix their `key:` in conf/search_space/ (`python -m "
+            "mnist_cnn.train --cfg job` lists every key)."
+        )
+    if left_out:
+        log.info(
+            "search space: left out %s: not in this config (model.net: %s)",
+            ", ".join(left_out),
+            net,
+        )
+    return space
+
+
 def trial_config(
     cfg: DictConfig, params: dict, run_dir: Path, trial: int, history: list | None = None
 ) -> DictConfig:
@@ -109,12 +153,6 @@ def trial_config(
         run.test = cfg.tune.test
         run.resume = history is not None
         for key, value in params.items():
-            if OmegaConf.select(run, key, default=KeyError) is KeyError:
-                raise TuneError(
-                    f"the search space sets {key}, which is not a key of the train config; "
-                    "fix its `key:` in conf/search_space/ (`python -m mnist_cnn.train --cfg "
-                    "job` lists every key)."
-                )
             OmegaConf.update(run, key, value)
         run.callbacks = run.get("callbacks") or {}
         run.callbacks.optuna_pruning = {
@@ -137,12 +175,11 @@ def train_command(overrides: Sequence[str], params: dict) -> str:
     return shlex.join(["python", "-m", "mnist_cnn.train", *kept])
 
 
-def open_study(cfg: DictConfig) -> optuna.Study:
+def open_study(cfg: DictConfig, space: dict) -> optuna.Study:
     """The study in ``tune.storage``, created or loaded; a stopped or killed trial is queued to
-    run again."""
-    Path(cfg.tune.dir).mkdir(parents=True, exist_ok=True)
+    run again. Call it holding ``study_lock``."""
     with warnings.catch_warnings():  # heartbeats are marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", ExperimentalWarning)
         try:
             storage = optuna.storages.RDBStorage(
                 cfg.tune.storage,
@@ -165,10 +202,9 @@ def open_study(cfg: DictConfig) -> optuna.Study:
         pruner=pruner,
         load_if_exists=True,
     )
-    seed = cfg.tune.seed + len(study.trials) if cfg.tune.seed is not None else None
-    study.sampler = _build("sampler", cfg.tune.sampler, seed=seed)
+    reseed(study, cfg)  # and a sampler that cannot be built is named before any work
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # killed ones: queued again by Retry
         # a trial stopped by Ctrl-C or SIGTERM failed; queue it again, like a killed one
         trials = study.get_trials(deepcopy=False)
@@ -176,7 +212,7 @@ def open_study(cfg: DictConfig) -> optuna.Study:
         for t in trials:
             if t.state != TrialState.FAIL or not t.user_attrs.get("stopped") or t.number in retried:
                 continue
-            if misfit := _misfit(t, cfg.search_space):
+            if misfit := _misfit(t, space):
                 log.warning("trial %d was stopped; it does not run again: %s", t.number, misfit)
                 continue
             Retry()(study, t)
@@ -191,6 +227,34 @@ def open_study(cfg: DictConfig) -> optuna.Study:
     return study
 
 
+def study_lock(cfg: DictConfig) -> FileLock:
+    """Held while a worker opens the study, fails stale trials and takes its next trial, so
+    that workers started together do not race (SQLite has no row locks)."""
+    Path(cfg.tune.dir).mkdir(parents=True, exist_ok=True)
+    return FileLock(Path(cfg.tune.dir) / "study.lock")
+
+
+def reseed(study: optuna.Study, cfg: DictConfig) -> None:
+    """A sampler seeded with ``tune.seed`` + the trials so far: the next trial's draws differ
+    from every earlier trial's, whichever worker asks (call it holding ``study_lock``)."""
+    seed = cfg.tune.seed
+    if seed is not None:
+        seed += len(study.get_trials(deepcopy=False))
+    study.sampler = _build("sampler", cfg.tune.sampler, seed=seed)
+
+
+def claim(run_dir: Path) -> FileLock | None:
+    """The lock that makes this worker the only one writing in ``run_dir``, or None while a
+    live worker holds it (the OS frees it when its holder dies)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / "trial.lock")
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        return None
+    return lock
+
+
 def _build(name: str, node: DictConfig, **kwargs):
     try:
         return hydra.utils.instantiate(node, **kwargs)
@@ -203,7 +267,7 @@ def _build(name: str, node: DictConfig, **kwargs):
         ) from None
 
 
-def _misfit(trial: optuna.trial.FrozenTrial, space: DictConfig) -> str | None:
+def _misfit(trial: optuna.trial.FrozenTrial, space: dict) -> str | None:
     """Why ``trial``'s values cannot be run again in the current search space, or None."""
     keys = {spec.key: spec for spec in space.values()}
     if set(trial.params) != set(keys):
@@ -222,7 +286,7 @@ def _misfit(trial: optuna.trial.FrozenTrial, space: DictConfig) -> str | None:
 def retries(trial: optuna.trial.FrozenTrial) -> list[int]:
     """The trials that ``trial`` runs again, the one right before it last."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", ExperimentalWarning)
         return Retry.retry_history(trial)
 
 
@@ -240,29 +304,36 @@ def resume_problem(run_dir: Path, max_epochs: int | None) -> str | None:
 
 def continuation(
     study: optuna.Study, trial: optuna.Trial, out: Path, max_epochs: int | None
-) -> tuple[Path, list | None]:
-    """The run dir of ``trial`` and, when it continues a stopped or killed trial from that
-    trial's dir (the "dir" it inherits), the ``[epoch, value]`` pairs the stopped one reported."""
+) -> tuple[Path, list | None, FileLock | None]:
+    """The run dir of ``trial``, claimed (``claim``), and, when it continues a stopped or killed
+    trial from that trial's dir (the "dir" it inherits), the ``[epoch, value]`` pairs the
+    stopped one reported."""
     run_dir = out / "trials" / f"{trial.number:03d}"
     before = retries(study.get_trials(deepcopy=False)[trial.number])
     if not before:
-        return run_dir, None
+        return run_dir, None, claim(run_dir)
     stopped_dir = Path(trial.user_attrs.get("dir", run_dir))
-    if problem := resume_problem(stopped_dir, max_epochs):
+    owner = claim(stopped_dir)
+    if owner is None:  # its worker missed heartbeats but lives, e.g. paused
+        problem = f"{stopped_dir} is still held by its worker, which lives"
+    elif problem := resume_problem(stopped_dir, max_epochs):
+        owner.release()
+    if problem:
         log.info(
             "trial %d runs trial %d again from the start: %s", trial.number, before[-1], problem
         )
-        return run_dir, None
+        return run_dir, None, claim(run_dir)
     stopped = study.get_trials(deepcopy=False)[before[-1]]
     log.info("trial %d continues trial %d from %s", trial.number, before[-1], stopped_dir)
-    return stopped_dir, sorted([k, v] for k, v in stopped.intermediate_values.items())
+    return stopped_dir, sorted([k, v] for k, v in stopped.intermediate_values.items()), owner
 
 
 def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Run trials until the study has ``tune.n_trials`` finished ones; save and return the best
     (``best.yaml``: trial, value, params, command). ``overrides``: the command line's.
     Raises ``Interrupted`` after a stop (the study then holds everything done so far)."""
-    searched = {spec.key: name for name, spec in cfg.search_space.items()}
+    space = search_space(cfg)
+    searched = {spec.key: name for name, spec in space.items()}
     for o in OverridesParser.create().parse_overrides(list(overrides)):
         if o.key_or_group in searched:
             name = searched[o.key_or_group]
@@ -272,19 +343,29 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
                 f"or change its range instead (search_space.{name}.low=..., .high=... or "
                 ".choices=[...])."
             )
-    study = open_study(cfg)
+    # tune.monitor and optimized_metric name metrics the module logs (a trial drops tune.*)
+    datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data))
+    check_metrics(cfg, logged_metrics(build("model", lambda: make_model(cfg, datamodule))))
+    lock = study_lock(cfg)
+    with lock:
+        study = open_study(cfg, space)
     out = Path(cfg.tune.dir)
     # trials are logged below; Optuna's own warnings would print a failed trial's traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     stops: list[Interrupted] = []
 
+    def mark_stopped(trial: optuna.Trial) -> None:  # the next run queues it again
+        if not lost(trial):
+            trial.set_user_attr("stopped", True)
+
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("stopped", False)  # a retry inherits its trial's attributes
         if _SIGTERM:  # came as the previous trial ended: nothing of this one has run
             raise Interrupted(_SIGTERM[0], None)
-        params = {s.key: suggest(trial, s.key, s) for s in cfg.search_space.values()}
+        params = {s.key: suggest(trial, s.key, s) for s in space.values()}
         trial.set_user_attr("params", params)  # what runs (a retry's params may hold more)
-        run_dir, history = continuation(study, trial, out, cfg.trainer.get("max_epochs"))
+        max_epochs = cfg.trainer.get("max_epochs")
+        run_dir, history, owner = continuation(study, trial, out, max_epochs)
         trial.set_user_attr("dir", str(run_dir))
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()))
         _RUNNING[trial.number] = trial
@@ -294,28 +375,31 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             except CheckpointError as e:  # e.g. a command line that changed model.net
                 if history is None:
                     raise
+                owner.release()
                 run_dir = out / "trials" / f"{trial.number:03d}"
+                owner = claim(run_dir)
                 log.warning("trial %d starts again in %s: %s", trial.number, run_dir, e)
                 trial.set_user_attr("dir", str(run_dir))
                 metrics = train(trial_config(cfg, params, run_dir, trial.number))
         except optuna.TrialPruned as e:
             log.info("trial %d %s", trial.number, e)
             raise
-        except Diverged as e:  # caught by study.optimize: the search goes on
+        except Diverged as e:  # the trial fails, the search goes on
             log.warning("trial %d failed: %s", trial.number, e)
             raise
         except Interrupted as e:
-            if cfg.optimized_metric not in (e.metrics or {}):  # cut short: the next run queues it
-                trial.set_user_attr("stopped", True)
+            if cfg.optimized_metric not in (e.metrics or {}):  # cut short
+                mark_stopped(trial)
                 raise
             metrics = e.metrics  # stopped after its last batch: the trial is complete
             stops.append(e)
-            study.stop()
         except KeyboardInterrupt:
-            trial.set_user_attr("stopped", True)
+            mark_stopped(trial)
             raise
         finally:
             del _RUNNING[trial.number]
+            if owner is not None:
+                owner.release()
         value = metrics[cfg.optimized_metric]
         log.info("trial %d: %s=%.4f", trial.number, cfg.optimized_metric, value)
         return value
@@ -323,27 +407,57 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished < cfg.tune.n_trials:
         log.info("study %s: %d of %d trials done", cfg.tune.study_name, finished, cfg.tune.n_trials)
-        study.optimize(
-            objective,
-            catch=(Diverged,),  # a diverging trial fails; the search goes on
-            callbacks=[
-                optuna.study.MaxTrialsCallback(cfg.tune.n_trials, states=FINISHED),
-                lambda study, trial: _SIGTERM and study.stop(),
-            ],
-            # no gc.collect() after each trial: a Ctrl-C during it is lost in a weakref callback
-            gc_after_trial=False,
-        )
+    # study.optimize would tell Optuna every trial's end, also that of a trial another worker
+    # has failed and queued again (this one was paused): that one is left alone here
+    while not stops and not _SIGTERM:
+        with lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.filterwarnings("ignore", "Heartbeat of storage")  # it beats below
+            optuna.storages.fail_stale_trials(study)  # killed ones: queued again by Retry
+            taken = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+            if len(taken) >= cfg.tune.n_trials:
+                if running := sum(t.state == TrialState.RUNNING for t in taken):
+                    log.info("the other workers' %d running trial(s) end the study", running)
+                break
+            reseed(study, cfg)
+            trial = study.ask()
+        value, state = None, TrialState.FAIL
+        with get_heartbeat_thread(trial._trial_id, trial.storage):
+            try:
+                value, state = objective(trial), TrialState.COMPLETE
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except (Diverged, Lost, UpdateFinishedTrialError):  # the search goes on
+                pass
+            except BaseException:  # a stop, or an error in user code: fail it, then raise
+                if not lost(trial):
+                    study.tell(trial, state=TrialState.FAIL)
+                raise
+        if lost(trial):
+            log.info(
+                "trial %d was taken over: this worker sent no heartbeat for tune.grace_period="
+                "%s s (paused?), so another worker failed it and queued it to run again; this "
+                "worker leaves it",
+                trial.number,
+                cfg.tune.grace_period,
+            )
+        else:
+            study.tell(trial, value, state)
     if stops:
         raise stops[0]
     if _SIGTERM:
         raise Interrupted(_SIGTERM[0], None)
-    return save_best(study, cfg, overrides)
+    with lock:  # one writer of best.yaml at a time
+        return save_best(study, cfg, overrides)
 
 
 def save_best(study: optuna.Study, cfg: DictConfig, overrides: Sequence[str]) -> dict:
     """Write ``best.yaml`` next to the study and log it."""
     counts = {s.name.lower(): len(study.get_trials(False, states=(s,))) for s in TrialState}
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete and counts["running"]:
+        log.info("no complete trial yet; %d running in other workers", counts["running"])
+        return {}
     if not complete:
         raise TuneError(
             f"study {study.study_name} has no complete trial yet ({counts}); run more trials "
@@ -384,6 +498,7 @@ def _on_sigterm(signum, frame):
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tune")
+@task
 def main(cfg: DictConfig) -> float | None:
     signal.signal(signal.SIGTERM, _on_sigterm)  # as Ctrl-C: a trial in flight is marked stopped
     try:
@@ -399,8 +514,8 @@ def main(cfg: DictConfig) -> float | None:
             cfg.tune.storage,
         )
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
-    return best["value"]
+    return best.get("value")
 
 
 if __name__ == "__main__":
-    run_checked(main, "tune")
+    run(main)

@@ -1,9 +1,9 @@
-"""Check the config before any work: one message naming the key, the value and what is allowed.
+"""Check the config: one message naming the key, the value and what is allowed.
 
-``check(cfg)`` tests the composed config against ``RULES``. ``preflight(argv)`` runs before
-Hydra starts a run: it composes the command line's overrides (a misspelt key or group option is
-named with the closest real one), checks every value of a sweep too, and for ``resume`` returns
-the command line that continues the old run in its own dir.
+``check(cfg)`` tests the composed config against ``RULES`` at the top of each task function;
+``SweepCheck`` (a Hydra callback) tests every value of a ``-m`` sweep before its first job;
+``run(main)`` turns Hydra's composition errors (an unknown key, group option or override
+syntax) into one line with exit status 2, and lets errors from user code keep their traceback.
 
 >>> try:
 ...     check(OmegaConf.create({"data": {"batch_size": 0}}))
@@ -13,16 +13,16 @@ Invalid config: data.batch_size=0 (allowed: an integer >= 1
 """
 
 import difflib
+import functools
 import os
+import re
 import sys
 from pathlib import Path
 
-import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
-
-from mnist_cnn import CONFIG_DIR
 
 
 class ConfigError(ValueError):
@@ -48,10 +48,6 @@ PRECISIONS = (  # Lightning's _PRECISION_INPUT, as strings
     *("32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true"),
     *("transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16"),
 )
-
-# what MNISTClassifier logs during fit (per epoch), and after it
-FIT_METRICS = ("val/acc", "val/loss", "val/acc_best", "train/acc", "train/loss")
-METRICS = (*FIT_METRICS, "test/acc", "test/loss")
 
 # key: (test, what is allowed, an example); a key missing from the config is not checked
 RULES = {
@@ -97,23 +93,16 @@ RULES = {
         "trainer.precision=32-true",
     ),
     "trainer.deterministic": (lambda v: v in (True, False, "warn"), "true, false or warn", ""),
-    "callbacks.step_checkpoint.every_n_seconds": (
+    "callbacks.last_checkpoint.every_n_seconds": (
         _number(lambda v: v > 0),
         "a number > 0 (seconds of training between saves of last.ckpt)",
-        "callbacks.step_checkpoint.every_n_seconds=60",
+        "callbacks.last_checkpoint.every_n_seconds=60",
     ),
-    "callbacks.step_checkpoint.every_n_train_steps": (
+    "callbacks.last_checkpoint.every_n_train_steps": (
         lambda v: v is None or _int(1)(v),
         "null or an integer >= 1 (training steps between saves of last.ckpt)",
-        "callbacks.step_checkpoint.every_n_train_steps=200",
+        "callbacks.last_checkpoint.every_n_train_steps=200",
     ),
-    "callbacks.model_checkpoint.monitor": (
-        lambda v: v in FIT_METRICS,
-        ", ".join(FIT_METRICS),
-        "callbacks.model_checkpoint.monitor=val/loss callbacks.model_checkpoint.mode=min",
-    ),
-    "optimized_metric": (lambda v: v in METRICS, ", ".join(METRICS), ""),
-    "tune.monitor": (lambda v: v in FIT_METRICS, ", ".join(FIT_METRICS), ""),
     "tune.n_trials": (_int(1), "an integer >= 1", "tune.n_trials=30"),
     "tune.direction": (
         lambda v: v in ("maximize", "minimize"),
@@ -155,16 +144,6 @@ def file_in_the_way(folder: Path) -> Path | None:
     return existing if existing is not None and not existing.is_dir() else None
 
 
-def _not_writable(folder: Path) -> str | None:
-    """Why ``folder`` cannot be made or written, judged by its nearest existing part."""
-    if blocker := file_in_the_way(folder):
-        return f"{blocker} is a file, not a folder"
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not os.access(existing, os.W_OK):
-        return f"{existing} is not writable"
-    return None
-
-
 def check(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` naming every key whose value ``RULES`` does not allow."""
     problems = []
@@ -178,139 +157,158 @@ def check(cfg: DictConfig) -> None:
         )
 
 
-def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for key in cfg:
-        node = cfg._get_node(key)
-        keys.append(prefix + str(key))
-        if isinstance(node, DictConfig):
-            keys += _keys(node, f"{prefix}{key}.")
-    return keys
-
-
-def _explain(overrides: list, config_name: str, error: Exception) -> str:
-    """Name the override Hydra refused: an unknown group option or key, else Hydra's words."""
-    for o in overrides:
-        group = CONFIG_DIR / o.key_or_group
-        if group.is_dir() and not o.is_delete():
-            options = sorted(p.stem for p in group.glob("*.yaml"))
-            if o.value() is not None and o.get_value_element_as_str() not in options:
-                return (
-                    f"Unknown option {o.input_line}: conf/{o.key_or_group}/ holds "
-                    f"{', '.join(options)}. Use one of them, e.g. {o.key_or_group}={options[0]}."
-                )
-    groups = [o.input_line for o in overrides if (CONFIG_DIR / o.key_or_group).is_dir()]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=groups)
-    known = [k for k in _keys(cfg) if not k.rsplit(".", 1)[-1].startswith("_")]  # no _target_
-    for o in overrides:
-        plain = not (o.is_add() or o.is_force_add() or (CONFIG_DIR / o.key_or_group).is_dir())
-        if plain and OmegaConf.select(cfg, o.key_or_group, default=_ABSENT) is _ABSENT:
-            close = difflib.get_close_matches(o.key_or_group, known, n=1, cutoff=0.75)
+def check_metrics(cfg: DictConfig, logged: list[str]) -> None:
+    """Raise ``ConfigError`` when a key that names a metric names one the module does not log
+    (``logged``: what it logs, e.g. ``val/acc``); a typo would otherwise fail after an epoch."""
+    keys = ("callbacks.model_checkpoint.monitor", "optimized_metric", "tune.monitor")
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in logged:
+            close = difflib.get_close_matches(str(value), logged, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
-            add = "" if o.is_delete() else f"; to add a new key on purpose, write +{o.input_line}"
-            return (
-                f"Unknown config key {o.key_or_group} (in {o.input_line}): {hint}"
-                f"`python -m mnist_cnn.{config_name} --cfg job` lists every key{add}."
+            raise ConfigError(
+                f"Invalid config: {key}={value} is not a metric the module logs: {hint}"
+                f"allowed: {', '.join(logged)}."
             )
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"Invalid override: {' '.join(lines[:3])}"
 
 
-def preflight(overrides: list[str], multirun: bool = False, config_name: str = "train") -> list:
-    """Compose and check the command line's overrides; return the overrides to run with.
+class ConfigCheck(Callback):
+    """Hydra callback: ``check`` the composed config before Hydra makes the run dir; before a
+    ``-m`` sweep's first job, every value of every swept key that ``RULES`` knows too."""
 
-    For ``resume=true`` (or ``resume=<run dir>``) that is the old run's overrides, then these,
-    then ``hydra.run.dir=<the old run dir>``, so the run continues where and how it was.
-    """
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # a syntax error: Hydra reports it itself, with its grammar
-        return overrides
-    task = [o for o in parsed if not o.key_or_group.startswith("hydra")]
-    sweeps = [o.input_line for o in task if o.is_sweep_override()]
-    if sweeps and not multirun:
-        raise ConfigError(
-            f"{sweeps[0]} is a sweep (one job per value): add -m to run it, or quote a list "
-            f"value as '{sweeps[0].split('=', 1)[0]}=[...]'."
-        )
-    first = [  # a sweep is composed with its first value; every value is checked below
-        f"{o.get_key_element()}={next(o.sweep_string_iterator())}"
-        if o.is_sweep_override()
-        else o.input_line
-        for o in task
-    ]
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name, overrides=first)
-    except Exception as e:
-        raise ConfigError(_explain(task, config_name, e)) from None
-    check(cfg)
-    for o in task:
-        if o.is_sweep_override() and o.key_or_group in RULES:
-            bad = [p for v in o.sweep_iterator() if (p := _problem(o.key_or_group, v))]
-            if bad:
-                raise ConfigError(f"Invalid sweep {o.input_line}: {'; '.join(bad)}.")
-    log_dir = OmegaConf.select(cfg, "paths.log_dir") if config_name in ("train", "tune") else None
-    if log_dir and (why := _not_writable(Path(log_dir))):
-        raise ConfigError(
-            f"Cannot make runs under paths.log_dir={log_dir}: {why}. Pass a folder that can be "
-            "written: paths.log_dir=/path/to/outputs."
-        )
-    if config_name != "train" or not (cfg.get("resume") or cfg.get("ckpt_path")):
-        return overrides
-    # torch: only with a checkpoint, which is checked before Hydra makes a run dir
-    from mnist_cnn.checkpoint import check_continuation, find_run, load_checkpoint
-    from mnist_cnn.runinfo import PENDING
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from mnist_cnn.checkpoint import CheckpointError, check_continuation, load_checkpoint
 
-    max_epochs = cfg.trainer.get("max_epochs")
-    if not cfg.get("resume"):
-        check_continuation(load_checkpoint(cfg.ckpt_path), cfg.ckpt_path, max_epochs, False)
-        return overrides
-    if multirun:
-        raise ConfigError("resume cannot be combined with a sweep (-m): resume one run at a time.")
-    run = find_run(cfg.paths.log_dir, cfg.resume).resolve()
-    last = run / "checkpoints" / "last.ckpt"
-    given = {o.key_or_group for o in task}
-    fix = "Resume another run (resume=outputs/runs/<run>), or start a new run from this one's best"
-    state = load_checkpoint(
-        last, fix=f"{fix} checkpoint: ckpt_path={run}/checkpoints/<epoch>.ckpt."
-    )
-    if "trainer.max_epochs" in given:  # else the old run's own max_epochs applies
-        check_continuation(state, last, max_epochs, True)
-    given |= {"resume", "ckpt_path"}
-    old_file = run / ".hydra" / "overrides.yaml"
-    old = yaml.safe_load(old_file.read_text()) if old_file.is_file() else []
-    old_parsed = OverridesParser.create().parse_overrides(old or [])
-    kept = [o.input_line for o in old_parsed if o.key_or_group not in given]
-    if any(o.key_or_group == "hydra.run.dir" for o in parsed):  # e.g. a DDP rank's own copy
-        return [*kept, *overrides]
-    quoted = str(run).replace("\\", "\\\\").replace("'", "\\'")
-    # Hydra's files go to .hydra/pending until the run starts (runinfo.commit_hydra_files):
-    # a resume that fails its checks leaves the run's config and overrides as they were
-    return [*kept, *overrides, f"hydra.run.dir='{quoted}'", f"hydra.output_subdir={PENDING}"]
-
-
-# flags the check works with; any other (--cfg, --help, --config-name, ...) goes straight to Hydra
-_PLAIN_FLAGS = {"-m", "--multirun", "-r", "--run"}
-
-
-def run_checked(main, config_name: str, argv: list[str] | None = None) -> None:
-    """``python -m mnist_cnn.<config_name>``: check the overrides (and find the run to resume)
-    before Hydra starts, then run the ``@hydra.main`` function ``main``. A bad override exits
-    with status 2 and one line, no traceback."""
-    from mnist_cnn.checkpoint import CheckpointError
-
-    argv = sys.argv[1:] if argv is None else argv
-    flags = [a for a in argv if a.startswith("-")]
-    if all(f in _PLAIN_FLAGS for f in flags):
-        overrides = [a for a in argv if not a.startswith("-")]
         try:
-            overrides = preflight(
-                overrides, bool({"-m", "--multirun"} & set(flags)), config_name=config_name
-            )
+            check(config)
+            if ckpt := OmegaConf.select(config, "ckpt_path", default=None):  # before the run dir
+                max_epochs = OmegaConf.select(config, "trainer.max_epochs", default=None)
+                check_continuation(load_checkpoint(ckpt), ckpt, max_epochs, False)
+            elif OmegaConf.select(config, "resume", default=False):
+                run = Path(config.hydra.run.dir)
+                fix = (
+                    "Resume another run (resume=outputs/runs/<run>), or start a new run from "
+                    f"this one's best checkpoint: ckpt_path={run}/checkpoints/<epoch>.ckpt."
+                )
+                load_checkpoint(run / "checkpoints" / "last.ckpt", fix=fix)
         except (ConfigError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        sys.argv = [sys.argv[0], *flags, *overrides]
-    main()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            if OmegaConf.select(config, "resume", default=False):
+                raise ConfigError("resume cannot be combined with -m: resume one run at a time.")
+            check(config)
+            parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+            for o in parsed:
+                if o.is_sweep_override() and o.key_or_group in RULES:
+                    bad = [p for v in o.sweep_iterator() if (p := _problem(o.key_or_group, v))]
+                    if bad:
+                        raise ConfigError(f"Invalid sweep {o.input_line}: {'; '.join(bad)}.")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _command() -> str:
+    name = Path(sys.argv[0]).stem
+    commands = ("train", "eval", "predict", "export", "tune", "serve")
+    return f"python -m mnist_cnn.{name if name in commands else 'train'}"
+
+
+def _did_you_mean(error: ConfigCompositionException) -> str | None:
+    """An unknown key in an override: the closest key of the same node."""
+    cause = error.__cause__
+    parent, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
+    quoted = re.search(r"override '([^']+)'", str(error))
+    if not isinstance(parent, DictConfig) or key is None or quoted is None:
+        return None
+    given = quoted[1]
+    parts = given.split(".")
+    close = difflib.get_close_matches(str(key), [str(k) for k in parent], n=1, cutoff=0.6)
+    hint = ""
+    if close and str(key) in parts:
+        i = parts.index(str(key))
+        hint = f"did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1 :]])}? "
+    add = re.search(r"use (\+\S+)", str(error))
+    return (
+        f"Unknown config key {given}: {hint}`{_command()} --cfg job` prints every key; to add a "
+        f"new key on purpose, write {add[1] if add else '+' + given + '=...'}"
+    )
+
+
+def explain(error: BaseException) -> str | None:
+    """One line for a mistake on the command line, or None when ``error`` is something else."""
+    if isinstance(error, MissingConfigException) and getattr(error, "options", None) is not None:
+        group, _, option = str(error.missing_cfg_file).rpartition("/")
+        return (
+            f"Unknown option {group}={option}: {group} has {', '.join(error.options)} "
+            f"(in conf/{group}/ or a --config-dir). Use one of them, e.g. "
+            f"{group}={error.options[0]}."
+        )
+    if isinstance(error, ConfigCompositionException) and (hint := _did_you_mean(error)):
+        return hint
+    if isinstance(error, ConfigCompositionException | MissingConfigException):
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return " ".join(
+            line for line in lines if not line.startswith(("Config search", "provider"))
+        )
+    if isinstance(error, OverrideParseException):
+        return (
+            f"Cannot parse the override {error.override!r}: {error.message.splitlines()[0]}. "
+            "Quote values with spaces or unusual characters: key='a value'."
+        )
+    for e in _chain(error):  # e.g. from a resolver of the run dir: resume=<a run with no ckpt>
+        if isinstance(e, ConfigError) or type(e).__name__ == "CheckpointError":
+            return str(e)
+    return None
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+_STARTED = False  # the task function has started: errors from here on are not composition's
+
+
+def task(fn):
+    """Below ``@hydra.main``: marks that the config was composed and the task began."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig):
+        global _STARTED
+        _STARTED = True
+        return fn(cfg)
+
+    return wrapper
+
+
+def run(main) -> None:
+    """``python -m mnist_cnn.<command>``: run the ``@hydra.main`` function ``main``. A mistake in
+    the command line or the config is one line on stderr and exit status 2; an error raised by
+    user code keeps its whole traceback."""
+    # Hydra prints a composition error and exits 1; raising lets it be named in one line here
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+        failed = getattr(sys.modules.get("mnist_cnn.sweep_report"), "FAILED_JOBS", None)
+        if failed:  # a -m sweep whose jobs ran; the report lists the failures
+            sys.exit(min(len(failed), 100))
+    except Exception as e:
+        message = explain(e)
+        if message is None and isinstance(e, OSError) and not _STARTED:  # making the run dir
+            blocker = file_in_the_way(Path(e.filename)) if e.filename else None
+            why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e))
+            message = (
+                f"Cannot make the run dir {e.filename or ''}: {why}. Pass a folder that can be "
+                "written: paths.log_dir=/path/to/outputs (or hydra.run.dir=...)."
+            )
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -35,7 +35,16 @@ def compose_train(*overrides: str, config_name: str = "train") -> DictConfig:
         return compose(config_name, overrides=list(overrides))
 
 
-FAST = ["debug=fast", "trainer.accelerator=cpu", "callbacks.progress_bar.refresh_rate=0"]
+# debug=fast's few batches, spelled out: a debug=fast run goes under debug/, not runs/
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=5",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.accelerator=cpu",
+    "callbacks.progress_bar.refresh_rate=0",
+]
 
 
 def tiny_cfg(out: Path, data_dir: Path, *overrides: str) -> DictConfig:

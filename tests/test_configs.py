@@ -9,7 +9,17 @@ from omegaconf import OmegaConf
 from mnist_cnn import CONFIG_DIR
 from mnist_cnn.train import instantiate_group
 
-GROUPS = ["data", "model", "trainer", "callbacks", "logger", "paths", "experiment", "debug"]
+GROUPS = [
+    "data",
+    "model",
+    "model/net",
+    "trainer",
+    "callbacks",
+    "logger",
+    "paths",
+    "experiment",
+    "debug",
+]
 OPTIONS = [
     f"{group}={path.stem}"
     for group in GROUPS
@@ -30,7 +40,8 @@ def test_option_composes_and_instantiates(option, tmp_path):
         cfg = compose_train(option, f"paths.output_dir={tmp_path}")
         assert cfg.trainer.accelerator == "gpu"
         pytest.skip("instantiating trainer=gpu needs CUDA")
-    cfg = compose_train(option, f"paths.output_dir={tmp_path}")
+    folder = [f"data.data_dir={tmp_path}"] if option == "data=image_folder" else []
+    cfg = compose_train(option, f"paths.output_dir={tmp_path}", *folder)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.model, _recursive_=False)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import torch
+from conftest import FAST
 
 from mnist_cnn import fast_precision
 from mnist_cnn.checkpoint import load_checkpoint, load_model
@@ -12,7 +13,7 @@ from mnist_cnn.data import MNISTDataModule
 
 def test_ddp_cpu_trains_in_one_run_dir_with_metrics_over_both_ranks(tmp_path, data_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.train", "trainer=ddp_cpu", "debug=fast"]
+        [sys.executable, "-m", "mnist_cnn.train", "trainer=ddp_cpu", *FAST[:5]]
         + ["callbacks.progress_bar.refresh_rate=0", "logger=all"]
         + [f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"],
         capture_output=True,

@@ -16,18 +16,20 @@ import yaml
 from conftest import FAST
 
 from mnist_cnn import ROOT
-from mnist_cnn.callbacks import Diverged, FiniteCheck, Interrupted, StepCheckpoint
+from mnist_cnn.callbacks import Diverged, FiniteCheck, Interrupted, LastCheckpoint
 from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
 from mnist_cnn.data import MNISTDataModule
-from mnist_cnn.module import MNISTClassifier
+from mnist_cnn.module import Classifier
 from mnist_cnn.train import train
 
 
 def start(tmp_path: Path, data_dir: Path, *args: str) -> subprocess.Popen:
-    """``python -m mnist_cnn.train`` with runs under ``tmp_path/runs``, output in a log file."""
+    """``python -m mnist_cnn.train`` with runs under ``tmp_path/runs``, output in a log file; a
+    resume continues with its run's own settings."""
     log = open(tmp_path / f"out-{time.monotonic_ns()}.txt", "w+")  # noqa: SIM115 (read back)
+    fast = [] if any(a.startswith("resume=") for a in args) else FAST
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_cnn.train", *FAST, f"paths.log_dir={tmp_path}"]
+        [sys.executable, "-m", "mnist_cnn.train", *fast, f"paths.log_dir={tmp_path}"]
         + [f"data.data_dir={data_dir}", *args],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -69,7 +71,7 @@ def last_ckpt(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, data_dir, sig):
     steps = ["trainer.max_epochs=2", "trainer.limit_train_batches=20", "logger=tensorboard"]
-    proc = start(tmp_path, data_dir, *steps, "callbacks.step_checkpoint.every_n_train_steps=3")
+    proc = start(tmp_path, data_dir, *steps, "callbacks.last_checkpoint.every_n_train_steps=3")
     wait_until(proc, lambda: last_ckpt(tmp_path).exists())
     proc.send_signal(sig)
     code, out = finish(proc)
@@ -225,7 +227,7 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data
     steps += [
         "trainer.deterministic=true",
         "seed=3",
-        "callbacks.step_checkpoint.every_n_train_steps=3",
+        "callbacks.last_checkpoint.every_n_train_steps=3",
     ]
     whole, part = tmp_path / "whole", tmp_path / "part"
     whole.mkdir(), part.mkdir()
@@ -272,27 +274,44 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data
 
 
 @pytest.mark.parametrize("seconds", [60, 0.001])
-def test_the_step_checkpoint_saves_by_training_time(tmp_path, data_dir, seconds):
-    dm = MNISTDataModule(str(data_dir))
-    saver = StepCheckpoint(str(tmp_path), every_n_seconds=seconds)
+def test_the_last_checkpoint_saves_by_training_time_and_at_each_epoch_end(
+    tmp_path, data_dir, seconds
+):
+    steps = []
+
+    class Counted(LastCheckpoint):
+        def save(self, trainer):
+            steps.append(trainer.global_step)
+            return super().save(trainer)
+
     trainer = L.Trainer(
         accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=5,
+        max_epochs=2,
+        limit_train_batches=3,
         limit_val_batches=0,
-        callbacks=[saver],
+        callbacks=[Counted(str(tmp_path), every_n_seconds=seconds)],
         logger=False,
-        enable_checkpointing=True,
         enable_progress_bar=False,
     )
-    trainer.fit(MNISTClassifier(), datamodule=dm)
-    saved = (tmp_path / "last.ckpt").exists()
-    assert saved is (seconds < 1) and saver._last_global_step_saved == (5 if saved else 0)
+    trainer.fit(Classifier(), datamodule=MNISTDataModule(str(data_dir)))
+    # every epoch's end; by time: after every step too (then again at the epoch's end)
+    assert steps == ([3, 6] if seconds == 60 else [1, 2, 3, 3, 4, 5, 6, 6])
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_last_ckpt_is_current_when_the_monitored_metric_never_improves(make_cfg, tmp_path):
+    # lr 1e-9: val/acc never beats epoch 0, so ModelCheckpoint saves its best once only
+    train(make_cfg("trainer.max_epochs=3", "model.optimizer.lr=1e-9", "test=false"))
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    history = state["callbacks"]["EpochSummary"]["history"]
+    assert state["epoch"] == 2 and [row["epoch"] for row in history] == [1, 2, 3]
+    best = list((tmp_path / "checkpoints").glob("epoch*.ckpt"))
+    assert len(best) == 1 and best[0].name.startswith("epoch000")
 
 
 def test_kill_9_during_a_checkpoint_save_leaves_the_previous_last_ckpt(tmp_path, data_dir):
     steps = ["trainer.max_epochs=1", "trainer.limit_train_batches=8", "logger=none", "test=false"]
-    proc = start(tmp_path, data_dir, *steps, "callbacks.step_checkpoint.every_n_train_steps=1")
+    proc = start(tmp_path, data_dir, *steps, "callbacks.last_checkpoint.every_n_train_steps=1")
     wait_until(proc, lambda: last_ckpt(tmp_path).exists())
     last = last_ckpt(tmp_path)
     partial = last.with_name("last.ckpt.partial")
@@ -311,7 +330,7 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     tmp_path, data_dir
 ):
     steps = ["trainer.max_epochs=2", "trainer.limit_train_batches=10", "logger=none"]
-    args = [*steps, "callbacks.step_checkpoint.every_n_train_steps=1", "model.optimizer.lr=1e8"]
+    args = [*steps, "callbacks.last_checkpoint.every_n_train_steps=1", "model.optimizer.lr=1e8"]
     code, out = finish(start(tmp_path, data_dir, *args))
     assert code == 2 and "Traceback" not in out
     diverged = re.search(r"Training diverged at epoch 1, step (\d+): the training loss is nan", out)
@@ -338,7 +357,7 @@ def test_the_finite_check_reads_the_loss_every_step_on_cpu_and_every_nth_on_a_gp
     stops = []
     for batch_idx in range(9):
         try:
-            check.on_train_batch_end(trainer, MNISTClassifier(), {"loss": nan}, None, batch_idx)
+            check.on_train_batch_end(trainer, Classifier(), {"loss": nan}, None, batch_idx)
         except Diverged as e:
             assert "the training loss is nan" in str(e)
             assert "no checkpoint had been saved yet" in str(e)  # this trainer saves none
@@ -359,7 +378,7 @@ class Payload:
 def bad_files(tmp_path: Path) -> dict[str, Path]:
     files = {name: tmp_path / f"{name}.ckpt" for name in ("text", "truncated", "pickle", "plain")}
     files["text"].write_text("not a checkpoint")
-    model = MNISTClassifier()
+    model = Classifier()
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": {}}, files["truncated"])
     files["truncated"].write_bytes(files["truncated"].read_bytes()[:100_000])
     state = {"state_dict": Payload(tmp_path / "ran"), "hyper_parameters": {}}

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from mnist_cnn.model import build_cnn
-from mnist_cnn.module import MNISTClassifier
+from mnist_cnn.module import Classifier
 
 NAMES = [
     "conv1",
@@ -57,8 +57,8 @@ def test_batch_norm_fc_adds_bn3_after_fc1_and_label_smoothing_reaches_the_loss()
         torch.tensor([[4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]),
         torch.tensor([0]),
     )
-    smooth = MNISTClassifier(label_smoothing=0.1).criterion(logits, y)
-    plain = MNISTClassifier().criterion(logits, y)
+    smooth = Classifier(label_smoothing=0.1).criterion(logits, y)
+    plain = Classifier().criterion(logits, y)
     assert smooth > plain and torch.isclose(
         smooth, nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
     )

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from mnist_cnn import fast_precision
 from mnist_cnn.checkpoint import load_model
 from mnist_cnn.data import MNISTDataModule
-from mnist_cnn.module import MNISTClassifier, random_affine
+from mnist_cnn.module import Classifier, random_affine
 from mnist_cnn.train import train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -20,6 +20,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def test_default_recipe_keeps_the_notebooks_model_and_training():
     cfg = compose_train()
     assert cfg.model.net == {
+        "_target_": "mnist_cnn.model.build_cnn",
         "channels": [32, 64],
         "kernel_size": 5,
         "hidden": 1024,
@@ -88,8 +89,10 @@ def test_best_recipe_tests_the_ema_weights_of_the_best_checkpoint(make_cfg, tmp_
     with torch.no_grad():
         for batch in islice(dm.test_dataloader(), 2):  # debug=fast tests 2 batches
             x, y = dm.on_after_batch_transfer(batch, 0)
-            model.test_acc.update(model(x), y)
-    assert model.test_acc.compute().item() == pytest.approx(metrics["test/acc"], abs=1e-6)
+            model.test_metrics["acc"].update(model(x), y)
+    assert model.test_metrics["acc"].compute().item() == pytest.approx(
+        metrics["test/acc"], abs=1e-6
+    )
 
 
 def test_random_affine_draws_per_image_and_is_the_identity_at_zero():
@@ -102,9 +105,9 @@ def test_random_affine_draws_per_image_and_is_the_identity_at_zero():
 
 def test_augment_applies_to_training_steps(make_cfg):
     x, y = torch.rand(4, 1, 28, 28), torch.arange(4)
-    net = {"dropout": 0.0}  # so that only the augmentation is random
-    plain = MNISTClassifier(net=net)
-    augmented = MNISTClassifier(net=net, augment={"degrees": 10, "translate": 0.2})
+    net = {"_target_": "mnist_cnn.model.build_cnn", "dropout": 0.0}  # only augment is random
+    plain = Classifier(net=net)
+    augmented = Classifier(net=net, augment={"degrees": 10, "translate": 0.2})
     augmented.load_state_dict(plain.state_dict())
     expected = plain.criterion(plain(x), y)
     assert torch.allclose(plain.training_step((x, y), 0), expected)

@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 import torch
 import yaml
@@ -9,8 +11,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_faults import finish, start
 
 from mnist_cnn.checkpoint import find_run
-from mnist_cnn.module import MNISTClassifier
-from mnist_cnn.validate import preflight
 
 EXACT = [
     "trainer.deterministic=true",
@@ -90,24 +90,34 @@ def test_resume_true_picks_the_run_whose_last_ckpt_is_newest(tmp_path):
     assert find_run(tmp_path, tmp_path / "runs" / "2026-01-03_run").name == "2026-01-03_run"
 
 
-def test_resume_reruns_with_the_old_overrides_and_the_new_ones_win(tmp_path):
-    run = tmp_path / "runs" / "old"
-    (run / ".hydra").mkdir(parents=True)
-    (run / "checkpoints").mkdir()
-    model = MNISTClassifier()
-    torch.save(
-        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)},
-        run / "checkpoints" / "last.ckpt",
-    )
-    old = ["data.batch_size=32", "trainer.max_epochs=2", "model.net.dropout=0.3", "resume=false"]
-    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(old))
-    args = preflight([f"paths.log_dir={tmp_path}", "resume=true", "trainer.max_epochs=5"])
-    assert args == [
-        "data.batch_size=32",
-        "model.net.dropout=0.3",
-        f"paths.log_dir={tmp_path}",
-        "resume=true",
-        "trainer.max_epochs=5",
-        f"hydra.run.dir='{run.resolve()}'",
-        "hydra.output_subdir=.hydra/pending",  # until the run starts (see the exact test)
-    ]
+def test_resume_continues_with_the_old_overrides_and_the_new_ones_win(tmp_path, data_dir):
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "mnist_cnn.train", f"paths.log_dir={tmp_path}", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+
+    tiny = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "test=false"]
+    tiny += [f"data.data_dir={data_dir}", "callbacks.progress_bar.refresh_rate=0"]
+    old = ["data.batch_size=32", "model.net.dropout=0.3", "trainer.max_epochs=1"]
+    first = cli(*tiny, *old)
+    assert first.returncode == 0, first.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    refused = cli("resume=true", "model/net=lenet5", "trainer.max_epochs=2")
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 2 and "a resume keeps the run's groups" in said
+    assert "Traceback" not in said
+    again = cli("resume=true", "trainer.max_epochs=2")
+    assert again.returncode == 0, again.stderr
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]  # its own dir
+    config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    assert config["data"]["batch_size"] == 32 and config["model"]["net"]["dropout"] == 0.3
+    assert config["trainer"]["max_epochs"] == 2 and config["trainer"]["limit_train_batches"] == 3
+    overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    assert "trainer.max_epochs=2" in overrides and "trainer.max_epochs=1" not in overrides
+    assert "model.net.dropout=0.3" in overrides and not (run / ".hydra" / "pending").exists()
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["epoch"] == 1 and len(state["callbacks"]["EpochSummary"]["history"]) == 2

@@ -6,7 +6,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_faults import finish, start
 
-from mnist_cnn.module import MNISTClassifier
+from mnist_cnn.module import Classifier
 from mnist_cnn.train import train
 
 
@@ -29,7 +29,7 @@ def test_train_writes_checkpoints_and_tensorboard_and_returns_test_metrics(make_
 
     state = torch.load(ckpts / "last.ckpt", weights_only=True)  # plain types only
     assert state["epoch"] == 1 and state["hyper_parameters"]["optimizer"]["lr"] == 0.001
-    model = MNISTClassifier.load_from_checkpoint(best[0], map_location="cpu")
+    model = Classifier.load_from_checkpoint(best[0], map_location="cpu")
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
 
 
