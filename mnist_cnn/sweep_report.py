@@ -1,20 +1,26 @@
-"""A report of a ``-m`` sweep: each job's overrides and final metrics, best first, and a plot.
+"""A report of a ``-m`` sweep: each setting's metrics over its seeds, best first, and each job.
 
 Written into the sweep dir when a multirun ends (the ``SweepReport`` Hydra callback in
 ``conf/hydra/default.yaml``) and rebuilt on demand, also for a sweep still running or stopped:
 
+python -m mnist_cnn.train -m seed=1,2,3 model.optimizer.lr=1e-3,3e-3   # 2 settings x 3 seeds
 python -m mnist_cnn.sweep_report outputs/multiruns/<date>_<time>_<id>
 python -m mnist_cnn.sweep_report                       # the newest sweep under outputs/multiruns
 
-It writes ``sweep_report.csv``, ``sweep_report.md`` (also printed) and ``sweep_report.png``
-(final ``val/acc`` against each swept parameter). A job's metrics are the last value of each
-scalar it logged (TensorBoard events, else the CSV logger's ``metrics.csv``).
+Jobs that differ only in ``seed`` form one setting. It writes ``sweep_report.csv`` (per setting:
+mean, standard deviation and count of each metric), ``sweep_report_jobs.csv`` (per job, with its
+status and error), ``sweep_report.md`` (both tables and the failed jobs; also printed) and
+``sweep_report.png`` (the optimized metric's mean and std against each swept parameter). A job's
+metrics are the last value of each ``train/``, ``val/`` and ``test/`` scalar it logged
+(TensorBoard events, else the CSV logger's ``metrics.csv``, else ``last.ckpt``). A job that
+wrote ``job_failed.yaml`` (``train.main`` in a sweep) is listed as failed, outside the means.
 """
 
 import argparse
 import csv
 import logging
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,8 +30,10 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-SHOWN = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss", "train/acc", "train/loss")
-PLOTTED = "val/acc"
+SEED = "seed"  # jobs whose overrides differ only in this key are one setting
+STAGES = ("val", "test", "train")  # the metrics shown: <stage>/<name>, in this order
+FAILED = "job_failed.yaml"  # {error, kind} in a job dir: train.main's record of a failed job
+FAILED_JOBS: list[str] = []  # set when a sweep ends; train's entry point exits with their count
 
 
 class SweepError(RuntimeError):
@@ -43,10 +51,14 @@ def _value(text: str):
             return text
 
 
+def _shown(tag: str) -> bool:
+    return tag.split("/")[0] in STAGES  # not lr-Adam, epoch, hp_metric
+
+
 def job_metrics(job: Path) -> dict[str, float]:
-    """The last value of every scalar the job logged, and ``epochs`` (how many ``val/acc``
-    values it logged); empty when it logged nothing yet."""
-    metrics, epochs = {}, 0
+    """The last value of every ``train/``, ``val/`` and ``test/`` scalar the job logged, and
+    ``epochs`` (how many values of a ``val/`` metric); empty when it logged nothing yet."""
+    metrics, counts = {}, {}
     events = sorted({e.parent for e in job.rglob("events.out.tfevents.*")})
     if events:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -55,18 +67,20 @@ def job_metrics(job: Path) -> dict[str, float]:
         for folder in events:
             acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
             acc.Reload()
-            for tag in acc.Tags()["scalars"]:
+            for tag in filter(_shown, acc.Tags()["scalars"]):
                 values = acc.Scalars(tag)
                 metrics[tag] = values[-1].value
-                epochs += len(values) if tag == PLOTTED else 0
+                counts[tag] = counts.get(tag, 0) + len(values)
     else:
         for path in sorted(job.rglob("metrics.csv")):
             with path.open() as f:
                 for row in csv.DictReader(f):
-                    metrics |= {k: float(v) for k, v in row.items() if v not in ("", None)}
-                    epochs += row.get(PLOTTED) not in ("", None)
+                    row = {k: float(v) for k, v in row.items() if _shown(k) and v not in ("", None)}
+                    metrics |= row
+                    counts |= {k: counts.get(k, 0) + 1 for k in row}
     if not metrics and (job / "checkpoints" / "last.ckpt").is_file():
         return checkpoint_metrics(job / "checkpoints" / "last.ckpt")
+    epochs = max((n for k, n in counts.items() if k.startswith("val/")), default=0)
     return metrics | {"epochs": epochs} if metrics else {}
 
 
@@ -82,14 +96,14 @@ def checkpoint_metrics(path: Path) -> dict[str, float]:
     metrics = {}
     for name, state in callbacks.items():
         if name.startswith("EpochSummary") and state.get("history"):
-            metrics |= {k: v for k, v in state["history"][-1].items() if "/" in k}
+            metrics |= {k: v for k, v in state["history"][-1].items() if _shown(k)}
             metrics["epochs"] = len(state["history"])
         if "'monitor': 'val/acc'" in name and state.get("best_model_score") is not None:
-            metrics["val/acc_best"] = float(state["best_model_score"])
+            metrics.setdefault("val/acc_best", float(state["best_model_score"]))
     return metrics
 
 
-def _read_yaml(path: Path, kind: type):
+def _read_yaml(path: Path, kind: type, label: str):
     """``path`` parsed (``kind()`` when empty); ``ValueError`` saying why it cannot be read."""
     try:
         data = yaml.safe_load(path.read_text())
@@ -97,22 +111,39 @@ def _read_yaml(path: Path, kind: type):
         why = getattr(e, "strerror", None) or getattr(e, "problem", None) or str(e)
         if mark := getattr(e, "problem_mark", None):
             why += f" at line {mark.line + 1}"
-        raise ValueError(f".hydra/{path.name}: {why}") from None
+        raise ValueError(f"{label}: {why}") from None
     if not isinstance(data, kind | None):
-        raise ValueError(f".hydra/{path.name}: a {type(data).__name__}, not a {kind.__name__}")
+        raise ValueError(f"{label}: a {type(data).__name__}, not a {kind.__name__}")
     return data or kind()
 
 
+def job_failure(job: Path) -> str | None:
+    """``<kind>: <error>`` from the job's ``job_failed.yaml``; None when there is none."""
+    if not (job / FAILED).is_file():
+        return None
+    try:
+        failure = _read_yaml(job / FAILED, dict, FAILED)
+    except ValueError as e:
+        return f"exception: {e}"
+    return f"{failure.get('kind', 'exception')}: {failure.get('error', '')}"
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The sweep's job dirs (a ``.hydra/overrides.yaml`` in each), in order: 0, 1, ..., 10."""
+    jobs = [f.parent.parent for f in sweep_dir.glob("**/.hydra/overrides.yaml")]
+    return sorted(jobs, key=lambda j: (len(str(j)), str(j)))
+
+
 def read_jobs(sweep_dir: Path) -> list[dict]:
-    """One dict per job: ``job`` (its dir name), ``overrides`` (key -> value) and ``metrics``;
-    only ``job`` and ``error`` for a job whose ``.hydra/`` files cannot be read."""
+    """One dict per job: ``job`` (its dir name), ``overrides`` (key -> value), ``command`` (the
+    overrides as typed), ``metrics``, ``optimized`` and ``failed`` (its error or None); only
+    ``job`` and ``error`` for a job whose ``.hydra/`` files cannot be read."""
     jobs = []
-    for file in sweep_dir.glob("**/.hydra/overrides.yaml"):
-        job = file.parent.parent
+    for job in job_dirs(sweep_dir):
         name = str(job.relative_to(sweep_dir))
         try:
-            lines = _read_yaml(file, list)
-            config = _read_yaml(job / ".hydra" / "config.yaml", dict)
+            lines = _read_yaml(job / ".hydra" / "overrides.yaml", list, ".hydra/overrides.yaml")
+            config = _read_yaml(job / ".hydra" / "config.yaml", dict, ".hydra/config.yaml")
         except ValueError as e:
             jobs.append({"job": name, "error": str(e)})
             continue
@@ -124,11 +155,13 @@ def read_jobs(sweep_dir: Path) -> list[dict]:
             {
                 "job": name,
                 "overrides": overrides,
+                "command": " ".join(map(str, lines)),
                 "metrics": job_metrics(job),
                 "optimized": config.get("optimized_metric") or "val/acc_best",
+                "failed": job_failure(job),
             }
         )
-    return sorted(jobs, key=lambda j: (len(j["job"]), j["job"]))  # 0, 1, ..., 10
+    return jobs
 
 
 def swept_keys(jobs: list[dict]) -> list[str]:
@@ -137,13 +170,39 @@ def swept_keys(jobs: list[dict]) -> list[str]:
     return [k for k in keys if len({str(j["overrides"].get(k)) for j in jobs}) > 1]
 
 
-def rank(jobs: list[dict]) -> list[dict]:
-    """Best first on the optimized metric (higher is better, lower for a loss); no metric last."""
-    metric = jobs[0]["optimized"] if jobs else "val/acc_best"
-    sign = 1 if "loss" in metric else -1
-    return sorted(
-        jobs, key=lambda j: (metric not in j["metrics"], sign * j["metrics"].get(metric, 0))
+def metric_names(jobs: list[dict], optimized: str) -> list[str]:
+    """Every metric a job logged: the optimized one first, then val/, test/, train/."""
+    names = {k for j in jobs for k in j["metrics"] if k != "epochs"}
+    return sorted(names, key=lambda n: (n != optimized, STAGES.index(n.split("/")[0]), n))
+
+
+def settings(jobs: list[dict], keys: list[str], names: list[str], optimized: str) -> list[dict]:
+    """Jobs grouped on the values of ``keys`` (failed jobs left out), with ``stats``: metric ->
+    (mean, sample std or None, count); best first on the optimized metric's mean (higher is
+    better, lower for a loss); a setting without it last. Each job gets its setting's rank."""
+    groups: dict[tuple, dict] = {}
+    for j in jobs:
+        if not j["failed"]:
+            values = {k: j["overrides"].get(k, "") for k in keys}
+            key = tuple(map(str, values.values()))
+            groups.setdefault(key, {"values": values, "jobs": []})["jobs"].append(j)
+    for g in groups.values():
+        g["n"] = sum(bool(j["metrics"]) for j in g["jobs"])
+        g["stats"] = {}
+        for name in names:
+            if xs := [j["metrics"][name] for j in g["jobs"] if name in j["metrics"]]:
+                std = statistics.stdev(xs) if len(xs) > 1 else None
+                g["stats"][name] = (statistics.fmean(xs), std, len(xs))
+    sign = 1 if "loss" in optimized else -1
+    ranked = sorted(
+        groups.values(),
+        key=lambda g: (optimized not in g["stats"], sign * g["stats"].get(optimized, (0,))[0]),
     )
+    for rank, g in enumerate(ranked, 1):
+        g["rank"] = rank
+        for j in g["jobs"]:
+            j["setting"] = rank
+    return ranked
 
 
 def not_a_sweep(folder: Path) -> str:
@@ -167,8 +226,33 @@ def not_a_sweep(folder: Path) -> str:
     return f"{folder} {what}. {fix}"
 
 
+def _table(header: list, rows: list[list]) -> list[str]:
+    return [
+        "| " + " | ".join(map(str, header)) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(map(str, row)) + " |" for row in rows),
+    ]
+
+
+def _num(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+def _cell(mean, std, n, total) -> str:
+    """``mean ± std`` for the markdown, with the count where it is not the setting's."""
+    if mean is None:
+        return ""
+    text = f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+    return text + (f" (n={n})" if n != total else "")
+
+
+def _write_csv(path: Path, header: list, rows: list[list]) -> None:
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
 def write_report(sweep_dir: str | Path) -> str:
-    """Write the CSV, markdown and plot into ``sweep_dir``; return the markdown. ``SweepError``
+    """Write the CSVs, markdown and plot into ``sweep_dir``; return the markdown. ``SweepError``
     when it is no sweep dir (no ``multirun.yaml``, which Hydra writes into each)."""
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / "multirun.yaml").is_file():
@@ -182,68 +266,100 @@ def write_report(sweep_dir: str | Path) -> str:
             f"{sweep_dir} holds no readable sweep job yet ({why}). Run this again once a job has "
             "started (or its .hydra/ files are repaired), or pass another sweep dir."
         )
-    jobs = rank(jobs)
+    optimized = jobs[0]["optimized"]
     swept = swept_keys(jobs)
-    names = [m for m in SHOWN if any(m in j["metrics"] for j in jobs)]
-    header = ["rank", "job", *swept, *names, "epochs", "overrides"]
-    rows = []
-    for i, j in enumerate(jobs, 1):
-        m = j["metrics"]
-        epochs = int(m["epochs"]) if m else ""
-        overrides = " ".join(f"{k}={v}" for k, v in j["overrides"].items())
-        values = [f"{m[n]:.4f}" if n in m else "" for n in names]
-        rows.append([i, j["job"], *(j["overrides"].get(k, "") for k in swept), *values, epochs])
-        rows[-1].append(overrides)
+    keys = [k for k in swept if k != SEED]
+    names = metric_names(jobs, optimized)
+    groups = settings(jobs, keys, names, optimized)
 
-    with (sweep_dir / "sweep_report.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+    header = ["rank", *keys, "jobs", *(f"{n} {s}" for n in names for s in ("mean", "std", "n"))]
+    rows, md_rows = [], []
+    for g in groups:
+        stats = [g["stats"].get(n, (None, None, 0)) for n in names]
+        values = list(g["values"].values())
+        jobs_in = " ".join(j["job"] for j in g["jobs"])
+        rows.append([g["rank"], *values, jobs_in, *(_num(v) for s in stats for v in s)])
+        md_cells = [_cell(*s, g["n"]) for s in stats]
+        md_rows.append([g["rank"], *values, g["n"], *md_cells])
+    _write_csv(sweep_dir / "sweep_report.csv", header, rows)
+
+    job_header = ["job", "setting", "status", *swept, *names, "epochs", "error", "overrides"]
+    job_rows, md_job_rows = [], []  # the markdown: the optimized metric only
+    for j in jobs:
+        m = j["metrics"]
+        status = "failed" if j["failed"] else "ok" if m else "no metrics"
+        values = [
+            *(j["overrides"].get(k, "") for k in swept),
+            *(_num(m.get(n)) for n in names),
+        ]
+        job_rows.append([j["job"], j.get("setting", ""), status, *values, m.get("epochs", "")])
+        job_rows[-1] += [j["failed"] or "", j["command"]]
+        md_job_rows.append(
+            [*job_rows[-1][: 3 + len(swept)], _num(m.get(optimized)), *job_rows[-1][-3:-2]]
+        )
+    _write_csv(sweep_dir / "sweep_report_jobs.csv", job_header, job_rows)
+
+    seeds = sorted({str(j["overrides"][SEED]) for j in jobs if SEED in swept})
+    plural = "s" * (len(groups) != 1)
+    over = f", mean ± std over {SEED}={','.join(seeds)}" if seeds else ""
     lines = [
-        f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, best first on {jobs[0]['optimized']}",
+        f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, {len(groups)} setting{plural}{over}",
         "",
-        "| " + " | ".join(header[:-1]) + " |",
-        "|" + "---|" * (len(header) - 1),
-        *("| " + " | ".join(str(v) for v in row[:-1]) + " |" for row in rows),
+        f"Settings best first on {optimized}; n: the jobs with metrics (failed ones left out).",
+        "",
+        *_table(["rank", *keys, "n", *names], md_rows),
+        "",
+        "## Jobs (every metric: sweep_report_jobs.csv)",
+        "",
+        *_table([*job_header[: 3 + len(swept)], optimized, "epochs"], md_job_rows),
     ]
-    if missing := [j["job"] for j in jobs if not j["metrics"]]:
+    if failed := [j for j in jobs if j["failed"]]:
+        lines += ["", f"## Failed: {len(failed)} of {len(jobs)} jobs, not in the means", ""]
+        lines += [f"- job {j['job']} `{j['command']}`: {j['failed']}" for j in failed]
+    if missing := [j["job"] for j in jobs if not j["metrics"] and not j["failed"]]:
         lines += [
             "",
-            f"No metrics yet (running, failed or not started): jobs {', '.join(missing)}.",
+            f"No metrics yet (running, killed or not started): jobs {', '.join(missing)}.",
         ]
     if unreadable:
         listed = "; ".join(f"{j['job']} ({j['error']})" for j in unreadable)
-        lines += ["", f"Unreadable, not in the table: jobs {listed}."]
+        lines += ["", f"Unreadable, not in the tables: jobs {listed}."]
     markdown = "\n".join(lines) + "\n"
     (sweep_dir / "sweep_report.md").write_text(markdown)
-    plot(jobs, swept, sweep_dir / "sweep_report.png")
+    plotted = optimized if optimized in names or not names else names[0]
+    plot(groups, keys, plotted, sweep_dir / "sweep_report.png")
     return markdown
 
 
-def plot(jobs: list[dict], swept: list[str], path: Path) -> None:
-    """Final ``val/acc`` against each swept parameter, one line per value of the others."""
+def plot(groups: list[dict], keys: list[str], metric: str, path: Path) -> None:
+    """``metric``'s mean over the seeds (error bars: their std) against each swept parameter,
+    one line per value of the others."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = swept or ["job"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        others = [k for k in swept if k != key]
+    axes_keys = keys or ["rank"]  # only seeds swept: the one setting
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(4.5 * len(axes_keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], axes_keys, strict=True):
+        others = [k for k in keys if k != key]
         lines: dict[str, list] = {}
-        for j in jobs:
-            if PLOTTED in j["metrics"]:
-                x = j["overrides"].get(key, j["job"])
-                label = ", ".join(f"{k.split('.')[-1]}={j['overrides'].get(k)}" for k in others)
-                lines.setdefault(label, []).append((x, j["metrics"][PLOTTED]))
-        xs = [x for points in lines.values() for x, _ in points]
+        for g in groups:
+            if metric in g["stats"]:
+                mean, std, _ = g["stats"][metric]
+                x = g["values"].get(key, g["rank"])
+                label = ", ".join(f"{k.split('.')[-1]}={g['values'][k]}" for k in others)
+                lines.setdefault(label, []).append((x, mean, std or 0.0))
+        xs = [p[0] for points in lines.values() for p in points]
         numeric = xs and all(isinstance(x, int | float) for x in xs)
         for label, points in lines.items():
             points = sorted(points, key=lambda p: p[0]) if numeric else points
-            ax.plot([str(x) if not numeric else x for x, _ in points], [y for _, y in points])
-            ax.lines[-1].set(marker="o", label=label or None)
+            x = [p[0] if numeric else str(p[0]) for p in points]
+            y, err = [p[1] for p in points], [p[2] for p in points]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label or None)
         if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:
             ax.set_xscale("log")
-        ax.set(xlabel=key, ylabel=PLOTTED)
+        ax.set(xlabel=key, ylabel=f"{metric} (mean ± std)")
         ax.grid(alpha=0.3)
         if any(lines):
             ax.legend(fontsize="small")
@@ -253,15 +369,21 @@ def plot(jobs: list[dict], swept: list[str], path: Path) -> None:
 
 
 class SweepReport(Callback):
-    """Hydra callback: writes the report into the sweep dir when a multirun ends."""
+    """Hydra callback: writes the report into the sweep dir when a multirun ends, and sets
+    ``FAILED_JOBS`` to the jobs that wrote ``job_failed.yaml``."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = job_dirs(sweep_dir)
+        FAILED_JOBS[:] = [str(j.relative_to(sweep_dir)) for j in jobs if (j / FAILED).is_file()]
         try:
             print(write_report(sweep_dir))
             log.info("sweep report: %s", sweep_dir / "sweep_report.md")
         except Exception as e:  # a report problem must not turn a finished sweep into a failure
             log.warning("no sweep report for %s: %s", sweep_dir, e)
+        if FAILED_JOBS:
+            report = sweep_dir / "sweep_report.md"
+            log.error("%d of %d jobs failed: see %s", len(FAILED_JOBS), len(jobs), report)
 
 
 class DDPInSweep(Callback):
@@ -313,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {Path(sweep_dir) / 'sweep_report.md'}, .csv and .png")
+    print(f"wrote {Path(sweep_dir) / 'sweep_report.md'}, .csv, _jobs.csv and .png")
     return 0
 
 
