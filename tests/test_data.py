@@ -1,13 +1,21 @@
+import ctypes
 import gzip
+import os
+import resource
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
+from conftest import need
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from torchvision.datasets import MNIST
 
 from mnist_cnn.data import (
     RAW_FILES,
@@ -117,6 +125,14 @@ def test_a_resume_state_from_another_epoch_starts_the_epoch_from_its_beginning(d
     assert torch.equal(next(iter(sequential))[1], loader.dataset.targets[:64])
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """MNIST's mirrors refuse connections at once (a closed local port), as when offline."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{port}/"])
+
+
 def copy_raw(data_dir, tmp_path, names=RAW_FILES):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -133,7 +149,7 @@ def test_offline_gz_files_are_verified_and_extracted(data_dir, tmp_path):
     prepare_mnist(tmp_path)  # idempotent
 
 
-def test_missing_files_name_the_files_the_folder_and_the_settings(tmp_path):
+def test_missing_files_name_the_files_the_folder_and_the_settings(tmp_path, offline):
     with pytest.raises(DataError) as err:
         prepare_mnist(tmp_path)
     message = str(err.value)
@@ -143,7 +159,7 @@ def test_missing_files_name_the_files_the_folder_and_the_settings(tmp_path):
     assert "data.data_dir" in message and "MNIST_DATA_DIR" in message
 
 
-def test_corrupt_gz_is_named_and_never_used(data_dir, tmp_path):
+def test_corrupt_gz_is_named_and_never_used(data_dir, tmp_path, offline):
     raw = copy_raw(data_dir, tmp_path)
     gz = raw / "train-labels-idx1-ubyte.gz"
     gz.write_bytes(gz.read_bytes()[:1000])  # truncated
@@ -188,18 +204,18 @@ def test_idx_file_with_the_wrong_magic_number_is_rebuilt_from_gz(data_dir, tmp_p
     assert labels.read_bytes() == good
 
 
-def test_idx_file_with_the_wrong_magic_and_no_gz_is_named(data_dir, tmp_path):
+def test_idx_file_with_the_wrong_magic_and_no_gz_is_named(data_dir, tmp_path, offline):
     raw = copy_raw(data_dir, tmp_path)
     prepare_mnist(tmp_path)
     labels = raw / "t10k-labels-idx1-ubyte"
     labels.write_bytes(b"\0\0\0\0" + labels.read_bytes()[4:])
     (raw / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: magic number 0 instead of 2049"):
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte: corrupted: its SHA-256 is not"):
         prepare_mnist(tmp_path)
     assert not labels.exists()  # never used
 
 
-def test_corrupted_gz_of_the_right_size_is_caught_by_md5(data_dir, tmp_path):
+def test_corrupted_gz_of_the_right_size_is_caught_by_md5(data_dir, tmp_path, offline):
     raw = copy_raw(data_dir, tmp_path)
     gz = raw / "t10k-images-idx3-ubyte.gz"
     data = bytearray(gz.read_bytes())
@@ -231,8 +247,8 @@ def test_kill_9_during_extraction_leaves_nothing_that_passes_as_valid(data_dir, 
         time.sleep(0.001)
     proc.kill()
     assert proc.wait() == -9  # killed mid-extraction, not finished
-    for name, (_, size, magic) in RAW_FILES.items():  # a final name is complete or absent
-        assert not (raw / name).exists() or _idx_problem(raw / name, size, magic) is None
+    for name, (_, size, sha256) in RAW_FILES.items():  # a final name is complete or absent
+        assert not (raw / name).exists() or _idx_problem(raw / name, size, sha256) is None
     assert prepare_mnist(tmp_path) == raw
     assert all((raw / name).stat().st_size == size for name, (_, size, _) in RAW_FILES.items())
 
@@ -293,3 +309,161 @@ def test_data_cli_names_a_bad_from_folder_and_copies_nothing(data_dir, tmp_path,
     }[source]
     assert problem in proc.stderr and fix in proc.stderr, proc.stderr
     assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
+
+
+def leftovers(raw):
+    """Temporary files a preparation must never leave behind."""
+    return sorted(p.name for p in raw.iterdir() if p.name.endswith((".partial", ".download")))
+
+
+@pytest.mark.parametrize("damage", ["labels zeroed", "one pixel flipped"])
+def test_an_extracted_file_corrupted_at_the_same_size_is_rebuilt(data_dir, tmp_path, damage):
+    raw = copy_raw(data_dir, tmp_path)
+    prepare_mnist(tmp_path)
+    name = "train-labels-idx1-ubyte" if damage == "labels zeroed" else "train-images-idx3-ubyte"
+    good = (raw / name).read_bytes()
+    bad = good[:8] + bytes(len(good) - 8) if damage == "labels zeroed" else bytearray(good)
+    if damage == "one pixel flipped":
+        bad[len(bad) // 2] ^= 0xFF
+    (raw / name).write_bytes(bytes(bad))  # the same size and magic number: only content differs
+    proc = run_data_cli("--data-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert f"rebuilding {name} from its .gz (corrupted: its SHA-256 is not MNIST's)" in proc.stderr
+    assert (raw / name).read_bytes() == good and not leftovers(raw)
+    dm = MNISTDataModule(str(tmp_path))
+    dm.setup("fit")
+    assert len(dm.val_set.targets.unique()) == 10  # the real labels, not the zeroed ones
+
+
+class HalfFile(BaseHTTPRequestHandler):
+    """Serves the first half of the real file, then stops sending (a stalled transfer)."""
+
+    def do_GET(self):
+        body = (self.server.raw / self.path.rsplit("/", 1)[-1]).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.server.stop.wait(60)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stalled_mirrors(data_dir, monkeypatch):
+    """Two mirrors on 127.0.0.1: one accepts and never answers, one stalls mid-file."""
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)  # the kernel accepts for it
+    half = ThreadingHTTPServer(("127.0.0.1", 0), HalfFile)
+    half.raw, half.stop, half.daemon_threads = data_dir / "MNIST" / "raw", threading.Event(), True
+    threading.Thread(target=half.serve_forever, daemon=True).start()
+    mirrors = [f"http://127.0.0.1:{s.getsockname()[1]}/" for s in (silent, half.socket)]
+    monkeypatch.setattr(MNIST, "mirrors", mirrors)
+    monkeypatch.setenv("MNIST_DOWNLOAD_TIMEOUT", "1")
+    yield mirrors
+    half.stop.set()
+    half.shutdown()
+    half.server_close()
+    silent.close()
+
+
+def test_a_stalled_download_times_out_with_the_fix(data_dir, tmp_path, stalled_mirrors):
+    missing = "t10k-images-idx3-ubyte"
+    raw = copy_raw(data_dir, tmp_path, [n for n in RAW_FILES if n != missing])
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        prepare_mnist(tmp_path)
+    message = str(err.value)
+    assert time.monotonic() - start < 30
+    assert f"{missing}.gz: missing" in message and "\n" not in message
+    silent = " nor ".join(stalled_mirrors)
+    assert f"the download timed out: no answer from {silent} within 1 s" in message, message
+    assert "(MNIST_DOWNLOAD_TIMEOUT)" in message and "--from" in message, message
+    assert socket.getdefaulttimeout() is None  # restored
+    after = {p.name: p.read_bytes() for p in raw.iterdir() if not p.name.startswith(".prepare")}
+    assert after == before  # the good files kept, no half-downloaded file nor temporary folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``(folder, preexec_fn)``: a 30 MB tmpfs mounted at ``folder`` where mounting is allowed
+    (root), else a plain folder and a 30 MB file size limit for the child (write fails EFBIG)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)]
+    if shutil.which("mount") and subprocess.run(cmd, capture_output=True).returncode == 0:
+        yield disk, None
+        subprocess.run(["umount", str(disk)], check=True)
+    else:
+        limit = 30 * 2**20
+        yield disk, lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("step", ["extracting", "copying"])
+def test_a_full_disk_is_named_and_leaves_no_partial_file(data_dir, tmp_path, small_disk, step):
+    disk, preexec = small_disk
+    src = data_dir / "MNIST" / "raw"
+    if step == "copying":  # leave less room than the 9.9 MB train-images .gz needs
+        args = ["--from", str(src)]
+        if preexec is None:
+            (disk / "filler").write_bytes(bytes(22 * 2**20))
+        else:
+            limit = 5 * 2**20
+            preexec = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # noqa: E731
+    else:
+        copy_raw(data_dir, disk)
+        args = []
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn.data", "--data-dir", str(disk), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=preexec,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"error: No room on the disk for MNIST in {disk} while {step} train-")
+    assert "Free some space on that disk, or point to another folder" in line
+    raw = disk / "MNIST" / "raw"
+    assert not leftovers(raw) and not (raw / "train-images-idx3-ubyte").exists()
+    for gz in raw.glob("*.gz"):  # what is there is whole
+        assert gz.read_bytes() == (src / gz.name).read_bytes()
+
+
+def drop_file_permission_override():
+    """For root: lose CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH at exec, so modes apply to it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            os._exit(99)
+
+
+@pytest.mark.parametrize("which", ["extracted", "gz", "--from"])
+def test_an_unreadable_file_is_named_with_the_fix(data_dir, tmp_path, which):
+    raw = copy_raw(data_dir, tmp_path / "data")
+    args = ["--data-dir", str(tmp_path / "data")]
+    if which == "extracted":
+        prepare_mnist(tmp_path / "data")
+        unreadable = raw / "t10k-labels-idx1-ubyte"
+    elif which == "gz":
+        unreadable = raw / "t10k-labels-idx1-ubyte.gz"
+    else:
+        unreadable = shutil.copytree(raw, tmp_path / "from") / "train-labels-idx1-ubyte.gz"
+        args += ["--from", str(tmp_path / "from")]
+    unreadable.chmod(0)
+    preexec = drop_file_permission_override if os.geteuid() == 0 else None
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn.data", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=preexec,
+    )
+    need(proc.returncode != 99, "cannot drop root's file permission override (CAP_SETPCAP)")
+    unreadable.chmod(0o644)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert f"{unreadable} (Permission denied): make it readable" in line, line
+    assert not leftovers(raw)
