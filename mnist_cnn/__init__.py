@@ -1,6 +1,8 @@
 """mnist_cnn: the classic MNIST CNN notebook as a Lightning + Hydra template."""
 
+import logging
 import secrets
+import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -8,6 +10,14 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "conf"
 RUN_ID = secrets.token_hex(3)  # one per process: two runs in the same second get two dirs
+
+# Lightning's own noise at its source: an advert per run, and a deprecation inside Lightning
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip")
+)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# our bf16-mixed default: the summary's size estimate in float32 is fine
+warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
 
 
 def fast_precision(accelerator: str = "auto") -> str:

@@ -219,6 +219,7 @@ def _rebuild(raw: Path, bad: dict[str, str]) -> None:
     data_dir = raw.parent.parent
     for leftover in raw.glob(".*.partial"):  # of a killed process (we hold the lock)
         leftover.unlink()
+    shutil.rmtree(raw / ".download", ignore_errors=True)
     for name, why in bad.items():
         if why != "missing":
             log.warning("rebuilding %s from its .gz (%s)", name, why)
@@ -258,7 +259,7 @@ def _download(raw: Path, names: list[str]) -> str | None:
                 except (RuntimeError, OSError, HTTPException) as e:
                     if isinstance(e, OSError) and e.errno in DISK_FULL:
                         raise
-                    timed_out = TimeoutError in (type(e), type(getattr(e, "reason", None)))
+                    timed_out = isinstance(getattr(e, "reason", e), TimeoutError)  # URLError
                     (silent if timed_out else errors).append(mirror if timed_out else str(e))
             else:
                 if silent:

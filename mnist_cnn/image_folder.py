@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
 from mnist_cnn.data import DataError, MNISTDataModule, TensorMNIST
@@ -69,7 +70,7 @@ class ImageFolderDataModule(MNISTDataModule):
                     "train/<class>/<images> (and optionally val/ and test/)."
                 )
             try:
-                self._classes = ImageFolder.find_classes(str(train))[0]
+                self._classes = find_classes(str(train))[0]
             except FileNotFoundError as e:
                 raise DataError(f"{e}. Put each class's images in train/<class>/.") from None
         return self._classes

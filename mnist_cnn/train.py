@@ -6,11 +6,13 @@ python -m mnist_cnn.train -m model.optimizer.lr=1e-3,3e-3  # a sweep
 python -m mnist_cnn.train resume=true                      # continue the newest run
 """
 
+import errno
 import logging
 import os
 import signal
 import sys
 import sysconfig
+import threading
 import traceback
 from pathlib import Path
 
@@ -86,6 +88,18 @@ def _step_aside(cfg: DictConfig) -> None:
         cfg.model.optimizer.fused = False
 
 
+def _sigterm_before_fit(signum, frame):
+    raise Interrupted(signal.SIGTERM, None)
+
+
+def _stop_on_sigterm():
+    """SIGTERM while the run is being set up: ``Interrupted`` (exit 143 with a message), not a
+    silent kill; returns the handler to restore (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _sigterm_before_fit)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, return the final metrics (``val/acc_best``, ``test/acc``).
 
@@ -93,6 +107,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     is the resumed run's, ``conf/hydra/default.yaml``). Raises ``ConfigError``, ``DataError``,
     ``CheckpointError``, ``Interrupted`` (Ctrl-C/SIGTERM, last.ckpt saved) or ``Diverged``.
     """
+    before = _stop_on_sigterm()  # until fit: Lightning's handling and GracefulStop take over
     resumed = runinfo.resumed_config(cfg) if cfg.get("resume") else None
     if resumed is not None:
         cfg = resumed[0]
@@ -129,6 +144,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
         runinfo.lock_run(cfg.paths.output_dir)  # DDP's other ranks share rank 0's dir
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
+    if before is not None:
+        signal.signal(signal.SIGTERM, before)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:  # Lightning's own stop between batches (DDP); GracefulStop saved
@@ -157,12 +174,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-KINDS = {
-    ConfigError: "config",
-    DataError: "data",
-    CheckpointError: "checkpoint",
-    Diverged: "diverged",
-}
+class StorageError(OSError):
+    """A file of the run could not be written (full disk, a deleted or read-only run dir)."""
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOENT, errno.EFBIG)
+KINDS = {ConfigError: "config", DataError: "data", CheckpointError: "checkpoint"}
+KINDS |= {Diverged: "diverged", StorageError: "storage"}
+
+
+def _storage_error(e: OSError, cfg: DictConfig) -> StorageError:
+    where = e.filename or cfg.paths.output_dir
+    return StorageError(
+        f"Cannot write {where}: {e.strerror or e}. Free some space or make the folder writable "
+        f"(or pass paths.log_dir=/another/folder); the last complete checkpoint is kept, and "
+        f"resume={cfg.paths.output_dir} continues from it."
+    )
+
+
+def _out_of_memory(cfg: DictConfig) -> ConfigError:
+    batch = OmegaConf.select(cfg, "data.batch_size", default="?")
+    evals = OmegaConf.select(cfg, "data.eval_batch_size", default="?")
+    return ConfigError(
+        f"Out of memory: lower data.batch_size (now {batch}) or data.eval_batch_size (now "
+        f"{evals}), or use a smaller model.net; trainer.precision=bf16-mixed halves activations."
+    )
 
 
 def _job_failed(cfg: DictConfig, error: Exception) -> None:
@@ -182,8 +218,15 @@ def _job_failed(cfg: DictConfig, error: Exception) -> None:
 def main(cfg: DictConfig) -> float | None:
     sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        metrics = train(cfg)
-    except (ConfigError, DataError, CheckpointError, Diverged) as e:
+        try:
+            metrics = train(cfg)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise _out_of_memory(cfg) from None
+        except OSError as e:  # ours to name only when the run's files cannot be written
+            if e.errno not in WRITE_ERRORS or _in_user_code(e):
+                raise
+            raise _storage_error(e, cfg) from None
+    except (ConfigError, DataError, CheckpointError, Diverged, StorageError) as e:
         log.error("%s", e)
         if sweep:
             return _job_failed(cfg, e)

@@ -177,7 +177,7 @@ class ConfigCheck(Callback):
     ``-m`` sweep's first job, every value of every swept key that ``RULES`` knows too."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        from mnist_cnn.checkpoint import CheckpointError, check_continuation, load_checkpoint
+        from mnist_cnn.checkpoint import check_continuation, load_checkpoint
 
         try:
             check(config)
@@ -191,8 +191,10 @@ class ConfigCheck(Callback):
                     f"this one's best checkpoint: ckpt_path={run}/checkpoints/<epoch>.ckpt."
                 )
                 load_checkpoint(run / "checkpoints" / "last.ckpt", fix=fix)
-        except (ConfigError, CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except Exception as e:  # Hydra turns a callback's exception into a warning
+            if (message := explain(e)) is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:

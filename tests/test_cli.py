@@ -84,3 +84,36 @@ def test_a_misspelt_override_is_refused(tmp_path):
     proc = run_train(*FAST, f"paths.log_dir={tmp_path}", "trainer.max_epoch=1", check=False)
     assert proc.returncode != 0 and "max_epoch" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_hydras_own_flags_work(tmp_path):
+    job = run_train("--cfg", "job", "trainer.max_epochs=3", cwd=tmp_path)
+    assert yaml.safe_load(job.stdout)["trainer"]["max_epochs"] == 3
+    assert "model/net: lenet5, seed_cnn" in run_train("--help", cwd=tmp_path).stdout
+    assert "Defaults List" in run_train("--info", "defaults", cwd=tmp_path).stdout
+    done = run_train("--shell-completion", "query=trainer.max_e", cwd=tmp_path).stdout
+    assert "trainer.max_epochs=" in done
+    assert list(tmp_path.iterdir()) == []  # none of them made a run dir
+
+
+def test_sweep_syntax_glob_range_and_a_users_own_group_file(tmp_path, data_dir):
+    mine = tmp_path / "my_conf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "tiny.yaml").write_text("# @package _global_\nmodel:\n  net:\n    hidden: 16\n")
+    run_train(
+        "-m",
+        "--config-dir",
+        str(tmp_path / "my_conf"),
+        "experiment=glob(tiny*)",  # finds the user's own option only
+        "seed=range(1,3)",
+        "++trainer.fast_dev_run=true",
+        "trainer.accelerator=cpu",
+        f"paths.log_dir={tmp_path}",
+        f"data.data_dir={data_dir}",
+    )
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job, seed in zip(jobs, (1, 2), strict=True):
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        assert config["seed"] == seed and config["model"]["net"]["hidden"] == 16

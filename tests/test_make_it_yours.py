@@ -66,7 +66,8 @@ def test_own_network_datamodule_and_metric_through_the_cli(tmp_path, data_dir):
     )
     (run,) = (work / "outputs" / "runs").iterdir()
     assert re.search(
-        r"epoch 2/2 \| train loss \S+ acc \S+ f1 \S+ \| val loss \S+ acc \S+ f1", out.stderr
+        r"epoch 2/2 \| train loss \S+ acc \S+ f1 \S+ \| val loss \S+ acc \S+ f1",
+        out.stdout + out.stderr,
     )
     (best,) = (run / "checkpoints").glob("epoch*.ckpt")
     hp = torch.load(best, weights_only=True)["hyper_parameters"]

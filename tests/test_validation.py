@@ -111,7 +111,11 @@ def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path)
         "log dir": [f"paths.log_dir={ROOT}/README.md/out"],
         "syntax": ["trainer.max_epochs=1 2"],
     }
-    procs = {name: cli(f"paths.log_dir={tmp_path}", *args) for name, args in runs.items()}
+    flags = {name: [a for a in args if a == "-m"] for name, args in runs.items()}  # Hydra's first
+    procs = {
+        name: cli(*flags[name], f"paths.log_dir={tmp_path}", *[a for a in args if a != "-m"])
+        for name, args in runs.items()
+    }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, (name, out, err)
