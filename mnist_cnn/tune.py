@@ -25,15 +25,16 @@ import hydra
 import lightning as L
 import optuna
 import yaml
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
-from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.storages._heartbeat import get_heartbeat_thread  # study.optimize's
 from optuna.trial import TrialState
 
+from mnist_cnn import runinfo
 from mnist_cnn.callbacks import Diverged, Interrupted
 from mnist_cnn.checkpoint import CheckpointError, epochs_done, load_checkpoint
 from mnist_cnn.data import DataError
@@ -243,16 +244,14 @@ def reseed(study: optuna.Study, cfg: DictConfig) -> None:
     study.sampler = _build("sampler", cfg.tune.sampler, seed=seed)
 
 
-def claim(run_dir: Path) -> FileLock | None:
-    """The lock that makes this worker the only one writing in ``run_dir``, or None while a
-    live worker holds it (the OS frees it when its holder dies)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run_dir / "trial.lock")
+def claim(run_dir: Path) -> str | None:
+    """Make this worker the only one training in ``run_dir`` (the run dir's lock, which ``train``
+    takes too, held until this process ends); or who holds it instead."""
     try:
-        lock.acquire(blocking=False)
-    except Timeout:
-        return None
-    return lock
+        runinfo.lock_run(run_dir)
+    except runinfo.RunInUse:
+        return runinfo.run_holder(run_dir) or "another process"
+    return None
 
 
 def _build(name: str, node: DictConfig, **kwargs):
@@ -304,28 +303,29 @@ def resume_problem(run_dir: Path, max_epochs: int | None) -> str | None:
 
 def continuation(
     study: optuna.Study, trial: optuna.Trial, out: Path, max_epochs: int | None
-) -> tuple[Path, list | None, FileLock | None]:
+) -> tuple[Path, list | None]:
     """The run dir of ``trial``, claimed (``claim``), and, when it continues a stopped or killed
     trial from that trial's dir (the "dir" it inherits), the ``[epoch, value]`` pairs the
     stopped one reported."""
     run_dir = out / "trials" / f"{trial.number:03d}"
     before = retries(study.get_trials(deepcopy=False)[trial.number])
     if not before:
-        return run_dir, None, claim(run_dir)
+        claim(run_dir)
+        return run_dir, None
     stopped_dir = Path(trial.user_attrs.get("dir", run_dir))
-    owner = claim(stopped_dir)
-    if owner is None:  # its worker missed heartbeats but lives, e.g. paused
-        problem = f"{stopped_dir} is still held by its worker, which lives"
-    elif problem := resume_problem(stopped_dir, max_epochs):
-        owner.release()
+    if holder := claim(stopped_dir):  # its worker missed heartbeats but lives, e.g. paused
+        problem = f"{stopped_dir} is held by {holder}"
+    else:
+        problem = resume_problem(stopped_dir, max_epochs)
     if problem:
         log.info(
             "trial %d runs trial %d again from the start: %s", trial.number, before[-1], problem
         )
-        return run_dir, None, claim(run_dir)
+        claim(run_dir)
+        return run_dir, None
     stopped = study.get_trials(deepcopy=False)[before[-1]]
     log.info("trial %d continues trial %d from %s", trial.number, before[-1], stopped_dir)
-    return stopped_dir, sorted([k, v] for k, v in stopped.intermediate_values.items()), owner
+    return stopped_dir, sorted([k, v] for k, v in stopped.intermediate_values.items())
 
 
 def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
@@ -364,8 +364,7 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             raise Interrupted(_SIGTERM[0], None)
         params = {s.key: suggest(trial, s.key, s) for s in space.values()}
         trial.set_user_attr("params", params)  # what runs (a retry's params may hold more)
-        max_epochs = cfg.trainer.get("max_epochs")
-        run_dir, history, owner = continuation(study, trial, out, max_epochs)
+        run_dir, history = continuation(study, trial, out, cfg.trainer.get("max_epochs"))
         trial.set_user_attr("dir", str(run_dir))
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in params.items()))
         _RUNNING[trial.number] = trial
@@ -375,9 +374,8 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             except CheckpointError as e:  # e.g. a command line that changed model.net
                 if history is None:
                     raise
-                owner.release()
                 run_dir = out / "trials" / f"{trial.number:03d}"
-                owner = claim(run_dir)
+                claim(run_dir)
                 log.warning("trial %d starts again in %s: %s", trial.number, run_dir, e)
                 trial.set_user_attr("dir", str(run_dir))
                 metrics = train(trial_config(cfg, params, run_dir, trial.number))
@@ -398,8 +396,6 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             raise
         finally:
             del _RUNNING[trial.number]
-            if owner is not None:
-                owner.release()
         value = metrics[cfg.optimized_metric]
         log.info("trial %d: %s=%.4f", trial.number, cfg.optimized_metric, value)
         return value
@@ -421,6 +417,8 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
                 break
             reseed(study, cfg)
             trial = study.ask()
+            # beating from now: a trial that never beat would never go stale
+            trial.storage.record_heartbeat(trial._trial_id)
         value, state = None, TrialState.FAIL
         with get_heartbeat_thread(trial._trial_id, trial.storage):
             try:

@@ -1,5 +1,6 @@
 """``python -m mnist_cnn.tune``: an Optuna study that survives a kill and resumes."""
 
+import logging
 import os
 import re
 import shlex
@@ -19,14 +20,15 @@ from optuna.trial import TrialState
 from mnist_cnn.callbacks import Interrupted
 from mnist_cnn.checkpoint import epochs_done, load_checkpoint
 from mnist_cnn.tune import TuneError, retries, tune
-from mnist_cnn.validate import ConfigError, preflight
+from mnist_cnn.validate import ConfigError, check
 
-TINY = [
-    "debug=fast",
+TINY = [  # not debug=fast: that one saves no checkpoint
     "trainer.accelerator=cpu",
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
     "callbacks.progress_bar.refresh_rate=0",
     "logger=none",
 ]
@@ -173,10 +175,25 @@ def test_a_lagging_trial_is_pruned_after_its_first_epoch(tmp_path, data_dir):
     assert list(trial.intermediate_values) == [0]  # val/acc of epoch 1 only, of 2
 
 
-def test_a_search_space_key_that_does_not_exist_is_named(tmp_path, data_dir):
-    cfg = tune_cfg(tmp_path, data_dir, "search_space.lr.key=model.optimizer.lrr")
-    with pytest.raises(TuneError, match="model.optimizer.lrr, which is not a key"):
+def test_a_search_with_lenet5_leaves_out_the_seed_cnns_dimensions(tmp_path, data_dir, caplog):
+    caplog.set_level(logging.INFO, "mnist_cnn.tune")
+    best = tune(tune_cfg(tmp_path, data_dir, "model/net=lenet5"), ["model/net=lenet5"])
+    assert "left out hidden (model.net.hidden): not in this config" in caplog.text
+    assert set(best["params"]) == {"model.optimizer.lr", "data.batch_size", "model.net.dropout"}
+    assert "model/net=lenet5" in best["command"]
+
+
+def test_a_search_space_whose_keys_are_none_of_the_configs_is_named(tmp_path, data_dir):
+    drop = ["~search_space.batch_size", "~search_space.dropout", "~search_space.hidden"]
+    cfg = tune_cfg(tmp_path, data_dir, "search_space.lr.key=model.optimizer.lrr", *drop)
+    with pytest.raises(TuneError, match=r"no key of the search space .*model.optimizer.lrr"):
         tune(cfg)
+
+
+def test_a_monitor_the_module_does_not_log_is_refused_before_the_study(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="tune.monitor=val/accc is not a metric .* val/acc"):
+        tune(tune_cfg(tmp_path, data_dir, "tune.monitor=val/accc"))
+    assert not (tmp_path / "tune").exists()
 
 
 def test_an_override_of_a_searched_key_is_refused_with_how_to_fix_it(tmp_path, data_dir):
@@ -247,12 +264,70 @@ def test_a_stopped_trial_that_no_longer_fits_the_search_space_is_not_run_again(
         ("tune.study_name=''", "a name without /"),
     ],
 )
-def test_bad_tune_settings_are_refused_before_hydra_starts(bad, words):
+def test_bad_tune_settings_are_refused_before_any_work(bad, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
-        preflight([bad], config_name="tune")
+        check(compose_train("paths.output_dir=.", bad, config_name="tune"))
 
 
 def test_a_sampler_or_pruner_that_cannot_be_built_is_named(tmp_path, data_dir):
     cfg = tune_cfg(tmp_path, data_dir, "tune.pruner._target_=optuna.pruners.Nope")
     with pytest.raises(TuneError, match="Cannot build tune.pruner from the config: .*Nope"):
         tune(cfg)
+
+
+def best_checkpoints(trial_dir) -> list:
+    return [p for p in (trial_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+
+
+def test_two_workers_started_together_on_a_new_study_share_it(tmp_path, data_dir):
+    cmd = [sys.executable, "-m", "mnist_cnn.tune", *TINY, f"paths.log_dir={tmp_path}"]
+    cmd += [f"data.data_dir={data_dir}", "tune.n_trials=2"]
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    workers = [subprocess.Popen(cmd, **pipe) for _ in range(2)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    storage = f"sqlite:///{tmp_path}/tune/mnist_cnn/study.db"
+    one, two = optuna.load_study(study_name="mnist_cnn", storage=storage).trials
+    assert one.state == two.state == TrialState.COMPLETE and one.params != two.params
+    for trial_dir in (tmp_path / "tune" / "mnist_cnn" / "trials").iterdir():
+        assert len(best_checkpoints(trial_dir)) == 1
+
+
+class PauseSelf(L.Callback):
+    """Pauses its own process (SIGSTOP) as training starts, as a suspended job would be."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def test_a_paused_worker_whose_trial_another_runs_again_leaves_it(tmp_path, data_dir):
+    cmd = [sys.executable, "-m", "mnist_cnn.tune", *TINY, f"paths.log_dir={tmp_path}"]
+    cmd += [f"data.data_dir={data_dir}", "tune.n_trials=1"]
+    cmd += ["tune.heartbeat_interval=1", "tune.grace_period=2"]
+    log = tmp_path / "paused.log"
+    with log.open("w") as out:
+        paused = subprocess.Popen(
+            [*cmd, "+callbacks.pause={_target_: test_tune.PauseSelf}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"PYTHONPATH": os.path.dirname(__file__)},  # test_tune.PauseSelf
+        )
+    try:
+        _, status = os.waitpid(paused.pid, os.WUNTRACED)  # paused while training trial 0
+        assert os.WIFSTOPPED(status), log.read_text()[-3000:]
+        time.sleep(2)  # past tune.grace_period
+        other = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+        assert "trial 1 runs trial 0 again from the start" in other.stdout + other.stderr
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    assert paused.wait(timeout=300) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "trial 0 was taken over" in text and "Traceback" not in text
+    storage = f"sqlite:///{tmp_path}/tune/mnist_cnn/study.db"
+    stopped, retry = optuna.load_study(study_name="mnist_cnn", storage=storage).trials
+    assert stopped.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.params == stopped.params and retries(retry) == [0]
+    trials_dir = tmp_path / "tune" / "mnist_cnn" / "trials"
+    assert len(best_checkpoints(trials_dir / "000")) <= 1  # its worker's only
+    assert len(best_checkpoints(trials_dir / "001")) == 1
