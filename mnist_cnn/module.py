@@ -296,7 +296,9 @@ def make_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None)
             if hasattr(datamodule, key):
                 told[key] = getattr(datamodule, key)
         target = cfg.data.get("_target_") if cfg.get("data") else None
-        told["datamodule"] = {"_target_": target, **_plain(dict(datamodule.hparams))}
+        accepted = inspect.signature(type(datamodule)).parameters  # its own arguments only
+        hparams = {k: v for k, v in datamodule.hparams.items() if k in accepted}
+        told["datamodule"] = {"_target_": target, **_plain(hparams)}
     target = get_object(cfg.model._target_) if "_target_" in cfg.model else None
     if target is not None and not issubclass(target, Classifier):
         params = inspect.signature(target).parameters  # a user's module: what it accepts

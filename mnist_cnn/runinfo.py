@@ -7,6 +7,7 @@ interpolation resolved (e.g. the precision ``auto`` picked), in ``<run dir>/run_
 """
 
 import fcntl
+import logging
 import os
 import platform
 import shlex
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mnist_cnn import ROOT
 from mnist_cnn.validate import ConfigError
 
+log = logging.getLogger(__name__)
 PENDING = ".hydra/pending"  # a resume's Hydra files, until the run starts (hydra_subdir)
 PACKAGES = ("mnist_cnn", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core")
 PACKAGES += ("omegaconf", "numpy", "tensorboard")
@@ -127,7 +129,14 @@ def record(
     first); return its path."""
     path = Path(run_dir) / "run_info.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    starts = yaml.safe_load(path.read_text()) if path.is_file() else []
+    try:
+        starts = yaml.safe_load(path.read_text()) if path.is_file() else []
+        starts = starts if isinstance(starts, list) else []
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:  # kept aside, never lost
+        aside = path.with_name(f"run_info.yaml.unreadable-{os.getpid()}")
+        path.replace(aside)
+        log.warning("%s is unreadable (%s): moved to %s, a new one begins", path, e, aside.name)
+        starts = []
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     starts = [*(starts or []), info(resumed_from, config)]
     tmp = path.with_name(path.name + ".partial")
@@ -137,10 +146,13 @@ def record(
 
 
 def _read_yaml(path: Path, fix: str):
+    """The file's content; None, with a warning, when it is missing or unreadable (a resume then
+    uses this command's config for what the file would have said)."""
     try:
         return yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"Cannot read {path} ({type(e).__name__}): {fix}") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        log.warning("Cannot read %s (%s): %s", path, type(e).__name__, fix)
+        return None
 
 
 def resumed_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
@@ -151,11 +163,20 @@ def resumed_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
     saved = run / ".hydra" / "config.yaml"
     if not HydraConfig.initialized() or not saved.is_file():
         return cfg, []
-    fix = f"repair or delete it, then resume with the same overrides as that run (resume={run})."
-    old = OmegaConf.create(_read_yaml(saved, fix) or {})
-    old_overrides = _read_yaml(run / ".hydra" / "overrides.yaml", fix) or []
-    old_choices = (_read_yaml(run / ".hydra" / "hydra.yaml", fix) or {}).get("hydra", {})
-    old_choices = old_choices.get("runtime", {}).get("choices", {})
+    fix = "resuming with this command's config for it; pass the run's overrides again if needed."
+    old_config = _read_yaml(saved, fix)
+    if not isinstance(old_config, dict):
+        return cfg, []
+    old = OmegaConf.create(old_config)
+    old_overrides = _read_yaml(run / ".hydra" / "overrides.yaml", fix)
+    old_overrides = (
+        [o for o in old_overrides if isinstance(o, str)] if isinstance(old_overrides, list) else []
+    )
+    hydra_file = _read_yaml(run / ".hydra" / "hydra.yaml", fix)
+    old_choices = hydra_file.get("hydra", {}) if isinstance(hydra_file, dict) else {}
+    old_choices = old_choices.get("runtime", {}).get("choices", {}) or dict(
+        HydraConfig.get().runtime.choices
+    )
     hydra_cfg = HydraConfig.get()
     given = [o for o in hydra_cfg.overrides.task]
     parser = OverridesParser.create()
@@ -185,7 +206,13 @@ def resumed_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
     with open_dict(old):
         old.resume, old.paths = cfg.resume, cfg.paths
     keys = {o.key_or_group for o in parser.parse_overrides(given)}
-    kept = [line for line in old_overrides if parser.parse_override(line).key_or_group not in keys]
+    kept = []
+    for line in old_overrides:
+        try:
+            if parser.parse_override(line).key_or_group not in keys:
+                kept.append(line)
+        except Exception:  # a damaged line of the record: kept as it was
+            kept.append(line)
     return old, [*kept, *given]
 
 

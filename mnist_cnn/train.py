@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_cnn import ROOT, runinfo
+from mnist_cnn import CONFIG_DIR, ROOT, runinfo
 from mnist_cnn.callbacks import Diverged, GracefulStop, Interrupted, LastCheckpoint
 from mnist_cnn.checkpoint import (
     CheckpointError,
@@ -213,7 +213,7 @@ def _job_failed(cfg: DictConfig, error: Exception) -> None:
     path.write_text(yaml.safe_dump({"error": line, "kind": kind}, sort_keys=False))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 @task
 def main(cfg: DictConfig) -> float | None:
     sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -249,5 +249,10 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric"))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``mnist-train`` command (the same as ``python -m mnist_cnn.train``)."""
     run(main)
+
+
+if __name__ == "__main__":
+    cli()

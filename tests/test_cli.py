@@ -1,7 +1,9 @@
 """``python -m mnist_cnn.train`` as a user runs it: real subprocesses, real Hydra."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -91,8 +93,16 @@ def test_hydras_own_flags_work(tmp_path):
     assert yaml.safe_load(job.stdout)["trainer"]["max_epochs"] == 3
     assert "model/net: lenet5, seed_cnn" in run_train("--help", cwd=tmp_path).stdout
     assert "Defaults List" in run_train("--info", "defaults", cwd=tmp_path).stdout
-    done = run_train("--shell-completion", "query=trainer.max_e", cwd=tmp_path).stdout
-    assert "trainer.max_epochs=" in done
+    script = Path(sys.executable).parent / "mnist-train"  # the console script: completion
+    done = subprocess.run(
+        [script, "--shell-completion", "query=bash"],
+        env={**os.environ, "COMP_LINE": "mnist-train trainer.max_e"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.stdout.split() == ["trainer.max_epochs="], done.stderr
     assert list(tmp_path.iterdir()) == []  # none of them made a run dir
 
 
@@ -117,3 +127,13 @@ def test_sweep_syntax_glob_range_and_a_users_own_group_file(tmp_path, data_dir):
     for job, seed in zip(jobs, (1, 2), strict=True):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         assert config["seed"] == seed and config["model"]["net"]["hidden"] == 16
+
+
+def test_a_debug_run_is_small_and_never_the_one_resume_picks(tmp_path, data_dir):
+    run_train("debug=fast", f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}")
+    assert not (tmp_path / "runs").exists()
+    (run,) = (tmp_path / "debug").iterdir()
+    assert not list(run.rglob("*.ckpt")) and (run / "figures" / "predictions.png").exists()
+    assert sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) < 20_000_000
+    resume = run_train("resume=true", f"paths.log_dir={tmp_path}", check=False)
+    assert resume.returncode == 2 and "found no run" in resume.stderr

@@ -109,7 +109,7 @@ def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path)
         "resume newest": ["resume=true"],  # nothing to resume yet
         "resume dir": [f"resume={tmp_path}/nowhere"],
         "log dir": [f"paths.log_dir={ROOT}/README.md/out"],
-        "syntax": ["trainer.max_epochs=1 2"],
+        "syntax": ["trainer.max_epochs=[1,"],
     }
     flags = {name: [a for a in args if a == "-m"] for name, args in runs.items()}  # Hydra's first
     procs = {
