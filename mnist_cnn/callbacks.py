@@ -125,9 +125,9 @@ class LastCheckpoint(Checkpoint):
         if trainer.state.fn == "fit" and self._due(trainer) and trainer.global_step > 0:
             try:
                 self.save(trainer)
-                log.warning("saved %s before the error below", self.path)
+                log.warning("saved %s (fit stopped by %s)", self.path, type(exception).__name__)
             except Exception:  # the original error is the one to show
-                log.warning("could not save %s after the error below", self.path)
+                log.warning("could not save %s (fit stopped by an error)", self.path)
 
 
 class RNGState(L.Callback):

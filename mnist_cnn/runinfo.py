@@ -78,6 +78,12 @@ def lock_run(run_dir: str | Path) -> None:
     _held[str(path)] = fd
 
 
+def unlock_run(run_dir: str | Path) -> None:
+    """Release ``run_dir``'s lock (its run has ended; a tune worker runs many in one process)."""
+    if (fd := _held.pop(str(Path(run_dir) / LOCK), None)) is not None:
+        os.close(fd)
+
+
 class RunInUse(ConfigError):
     """Another live process trains in the run dir."""
 

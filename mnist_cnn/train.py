@@ -171,6 +171,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("test accuracy %.4f, test loss %.4f", metrics["test/acc"], metrics["test/loss"])
         if best:
             log.info("best checkpoint: %s", best)
+    runinfo.unlock_run(cfg.paths.output_dir)  # complete: nothing more is written there
     return metrics
 
 
