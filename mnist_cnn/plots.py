@@ -27,6 +27,7 @@ from mnist_cnn.callbacks import EpochSummary
 
 log = logging.getLogger(__name__)
 
+
 def _names(pl_module) -> list[str]:
     """What the module logs (``Classifier.logged_metrics``), else what it has logged so far."""
     names = getattr(pl_module, "logged_metrics", None)
