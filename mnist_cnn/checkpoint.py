@@ -3,6 +3,7 @@
 >>> model = load_model("outputs/runs/<run>/checkpoints/last.ckpt")  # doctest: +SKIP
 """
 
+import io
 import os
 from pathlib import Path
 
@@ -154,9 +155,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
+        data = io.BytesIO()  # serialised first: a full disk is then an OSError, not torch's
+        torch.save(checkpoint, data)  # "unexpected pos" RuntimeError from inside its zip writer
         try:
             with partial.open("wb") as f:
-                torch.save(checkpoint, f)
+                f.write(data.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)

@@ -1,0 +1,90 @@
+"""Hostile files and full disks end with one line (exit 2), keep the last good checkpoint and
+leave no temporary file: crafted checkpoints, a filesystem that fills up, a max_time stop."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_cfg
+from test_data import small_disk  # noqa: F401 (a fixture: a 30 MB tmpfs, else a size limit)
+
+from mnist_cnn.checkpoint import CheckpointError, load_model
+from mnist_cnn.train import train
+
+
+@pytest.fixture(scope="module")
+def real_ckpt(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("real")
+    train(tiny_cfg(out, data_dir, "test=false"))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def crafted(real_ckpt, tmp_path, **changes):
+    state = torch.load(real_ckpt, weights_only=True)
+    state["hyper_parameters"] |= changes
+    path = tmp_path / "crafted.ckpt"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"image_size": 10**9}, "image_size=1000000000 is not 1 to 4096"),
+        ({"classes": 7}, "classes are not a list of names"),
+        ({"channels": -1}, "channels=-1 is not 1 to 4"),
+        ({"net": {"_target_": "os.system", "command": "echo hi"}}, "os.system is not a Module"),
+        ({"datamodule": {"_target_": "subprocess.run"}}, "subprocess.run is not a"),
+    ],
+)
+def test_a_crafted_checkpoint_is_refused_before_anything_is_built(
+    real_ckpt, tmp_path, changes, words
+):
+    with pytest.raises(CheckpointError, match=words):
+        load_model(crafted(real_ckpt, tmp_path, **changes))
+
+
+def test_a_huge_network_in_a_checkpoint_allocates_nothing(real_ckpt, tmp_path):
+    net = torch.load(real_ckpt, weights_only=True)["hyper_parameters"]["net"]
+    path = crafted(real_ckpt, tmp_path, net=net | {"hidden": 10**6})  # 9 GB if built
+    for command, extra in (("eval", []), ("predict", [f"inputs=[{tmp_path}]"]), ("export", [])):
+        proc = subprocess.run(
+            [sys.executable, "-m", f"mnist_cnn.{command}", f"ckpt_path={path}", *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and "Traceback" not in said, said[-2000:]
+        assert "do not fit the model (net.fc1" in said
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line(small_disk, data_dir):  # noqa: F811
+    disk, limit = small_disk  # 30 MB: the first last.ckpt (weights and Adam) does not fit
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnist_cnn.train", "trainer.max_epochs=1"]
+        + [
+            "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=1",
+            "trainer.accelerator=cpu",
+        ]
+        + ["callbacks.progress_bar.refresh_rate=0", "logger=none"]
+        + [f"paths.log_dir={disk}", f"data.data_dir={data_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=limit,
+    )
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in said, said[-3000:]
+    assert "Cannot write" in said and "Free some space" in said
+    assert not list(disk.rglob("*.partial"))
+
+
+def test_a_max_time_stop_saves_its_partial_epoch(make_cfg, tmp_path):
+    metrics = train(make_cfg("trainer.max_time=00:00:00:02", "trainer.limit_train_batches=null"))
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 0 < state["global_step"] < 782 and state["epoch"] == 0  # stopped inside epoch 1
+    assert "test/acc" in metrics
