@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train
+from conftest import FAST, compose_train
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import MNIST
@@ -29,7 +29,7 @@ def run_cfg(out, data_dir, *overrides):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("tiny")
-    train(run_cfg(out, data_dir, "debug=fast"))
+    train(run_cfg(out, data_dir, *FAST))  # debug=fast's batches, with checkpoints
     return out
 
 
