@@ -2,6 +2,8 @@
 
 import logging
 import secrets
+import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -10,6 +12,17 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "conf"
 RUN_ID = secrets.token_hex(3)  # one per process: two runs in the same second get two dirs
+
+
+def _stopped_while_loading(signum, frame):
+    print("Stopped by SIGTERM: run the same command again.", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+# python -m mnist_cnn.<command> (argv[0] is "-m" while the package loads): a SIGTERM while the
+# libraries load says so; each command replaces this handler with its own
+if sys.argv[:1] == ["-m"] or sys.argv[0].endswith("mnist-train"):
+    signal.signal(signal.SIGTERM, _stopped_while_loading)
 
 # Lightning's own noise at its source: an advert per run, and a deprecation inside Lightning
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(

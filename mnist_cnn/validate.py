@@ -140,8 +140,15 @@ def _problem(key: str, value) -> str | None:
 def file_in_the_way(folder: Path) -> Path | None:
     """The file that stops ``folder`` from being made: ``folder`` or its nearest existing
     parent, when that is not a folder."""
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    existing = next((p for p in (folder, *folder.parents) if _exists(p)), None)
     return existing if existing is not None and not existing.is_dir() else None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name over 255 characters
+        return False
 
 
 def check(cfg: DictConfig) -> None:

@@ -110,6 +110,8 @@ def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path)
         "resume dir": [f"resume={tmp_path}/nowhere"],
         "log dir": [f"paths.log_dir={ROOT}/README.md/out"],
         "syntax": ["trainer.max_epochs=[1,"],
+        "unicode": ["seed=é"],
+        "long name": [f"hydra.run.dir={tmp_path}/{'a' * 300}"],
     }
     flags = {name: [a for a in args if a == "-m"] for name, args in runs.items()}  # Hydra's first
     procs = {
@@ -129,6 +131,8 @@ def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path)
             "resume dir": [f"{tmp_path}/nowhere/checkpoints/last.ckpt does not exist"],
             "log dir": ["README.md is a file, not a folder", "paths.log_dir="],
             "syntax": ["Cannot parse the override", "key='a value'"],
+            "unicode": ["Cannot parse the override 'seed=é'", "key='a value'"],
+            "long name": ["Cannot make the run dir", "File name too long", "paths.log_dir="],
         }.get(name, [])
         for words in expected:
             assert words in line, (name, words, line)
