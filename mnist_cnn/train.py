@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+import mnist_cnn
 from mnist_cnn import CONFIG_DIR, ROOT, runinfo
 from mnist_cnn.callbacks import Diverged, GracefulStop, Interrupted, LastCheckpoint
 from mnist_cnn.checkpoint import (
@@ -144,8 +145,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
         runinfo.lock_run(cfg.paths.output_dir)  # DDP's other ranks share rank 0's dir
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
-    if before is not None:
-        signal.signal(signal.SIGTERM, before)
+    if before is not None:  # Lightning composes its SIGTERM handler with the one it finds
+        loading = before is mnist_cnn._stopped_while_loading  # python -m's, not the user's
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if loading else before)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:  # Lightning's own stop between batches (DDP); GracefulStop saved
