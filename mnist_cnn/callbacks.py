@@ -79,16 +79,20 @@ class LastCheckpoint(Checkpoint):
         self._saved_step: int | None = None
         self._clock = time.monotonic()
 
-    def save(self, trainer) -> str:
-        """Write ``last.ckpt`` now (the full state, to resume); return its path."""
-        # a second Ctrl-C now would break torch.save mid-file: the save finishes first
+    def save(self, trainer, stopping: bool = False) -> str:
+        """Write ``last.ckpt`` now (the full state, to resume); return its path. ``stopping``:
+        the save of a stop, which a second Ctrl-C does not interrupt."""
+        # a Ctrl-C now would break torch.save mid-file: it is held until the save is done
         main = threading.current_thread() is threading.main_thread()
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        held: list[int] = []
+        handler = signal.signal(signal.SIGINT, lambda s, f: held.append(s)) if main else None
         try:
             trainer.save_checkpoint(self.path, weights_only=False)
         finally:
             if main:
                 signal.signal(signal.SIGINT, handler)
+                if held and callable(handler) and not stopping:  # the stop goes on anyway
+                    handler(signal.SIGINT, None)
         self._saved_step, self._clock = trainer.global_step, time.monotonic()
         return self.path
 
@@ -246,7 +250,7 @@ class GracefulStop(L.Callback):
 
     def _save(self, trainer) -> str | None:
         last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
-        return last.save(trainer) if last is not None else None
+        return last.save(trainer, stopping=True) if last is not None else None
 
 
 class FiniteCheck(L.Callback):

@@ -194,6 +194,26 @@ def test_a_second_ctrl_c_while_the_stop_saves_waits_for_the_save(make_cfg):
     assert not list(checkpoints.glob("*.partial"))
 
 
+class CtrlCDuringASave(L.Callback):
+    """Presses Ctrl-C while last.ckpt is being written at step 3 (a periodic save)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_step == 3 and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_ctrl_c_during_a_periodic_save_is_held_then_stops_the_run(make_cfg):
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        every = "callbacks.last_checkpoint.every_n_train_steps=3"
+        cfg = make_cfg(every, "+callbacks.c={_target_: test_faults.CtrlCDuringASave}")
+        with pytest.raises(Interrupted, match=r"Stopped by SIGINT at step 4 \(saved .*last.ckpt"):
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
 class CtrlCInSetup(L.Callback):
     """Presses Ctrl-C while the Trainer sets up, before GracefulStop listens."""
 
