@@ -13,6 +13,7 @@ import lightning as L
 import optuna
 import pytest
 import yaml
+from filelock import FileLock
 from conftest import compose_train
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -35,13 +36,16 @@ TINY = [  # not debug=fast: that one saves no checkpoint
 
 
 def trials(storage: str, *states) -> list:
-    if not os.path.exists(storage.removeprefix("sqlite:///")):
+    path = storage.removeprefix("sqlite:///")
+    if not os.path.exists(path):
         return []
-    try:
-        study = optuna.load_study(study_name="mnist_cnn", storage=storage)
-    except KeyError:  # the file is there, the study not yet
-        return []
-    return study.get_trials(deepcopy=False, states=states)
+    # under tune's own lock: opening a study.db whose tables tune is creating races on them
+    with FileLock(os.path.join(os.path.dirname(path), "study.lock")):
+        try:
+            study = optuna.load_study(study_name="mnist_cnn", storage=storage)
+        except KeyError:  # the file is there, the study not yet
+            return []
+        return study.get_trials(deepcopy=False, states=states)
 
 
 def count(storage: str, *states) -> int:
