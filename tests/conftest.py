@@ -1,5 +1,6 @@
 """Shared fixtures: the real config tree, the real MNIST files, temporary run dirs."""
 
+import importlib
 import os
 from pathlib import Path
 
@@ -19,6 +20,16 @@ def need(condition: bool, why: str) -> None:
     """Skip locally when something is missing; in CI (CI=true) fail instead."""
     if not condition:
         (pytest.fail if IN_CI else pytest.skip)(why)
+
+
+def import_or_skip(name: str, why: str):
+    """``pytest.importorskip``, except that in CI (CI=true) a missing package fails."""
+    if not IN_CI:
+        return pytest.importorskip(name, reason=why)
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        pytest.fail(f"{why} ({e})", pytrace=False)
 
 
 @pytest.fixture(scope="session")

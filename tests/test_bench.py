@@ -49,6 +49,7 @@ def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_reduced_bench_writes_json_with_every_field_and_a_table(data_dir, tmp_path):
     done = bench(
         *("--batches", "2", "--warmup", "1", "--repeats", "2", "--eval-batches", "2"),
@@ -98,6 +99,7 @@ def test_reduced_bench_writes_json_with_every_field_and_a_table(data_dir, tmp_pa
     assert table in done.stdout
 
 
+@pytest.mark.slow
 def test_bad_arguments_and_missing_data_exit_2_with_a_clear_message(tmp_path):
     done = bench("--batches", "0", "--out", str(tmp_path))
     assert done.returncode == 2 and "--batches" in done.stderr

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import FAST
@@ -41,6 +42,7 @@ def test_cli_run_with_overrides_makes_one_run_dir(tmp_path, data_dir):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_two_runs_in_the_same_second_get_two_dirs(tmp_path, data_dir):
     # The same timestamp for both (a frozen run.dir prefix): only the per-process id differs.
     args = [sys.executable, "-m", "mnist_cnn.train", *FAST, "test=false", "logger=none"]
@@ -54,6 +56,7 @@ def test_two_runs_in_the_same_second_get_two_dirs(tmp_path, data_dir):
     assert len(runs) == 2 and all((r / "checkpoints" / "last.ckpt").exists() for r in runs)
 
 
+@pytest.mark.slow
 def test_multirun_gives_each_job_its_own_dir(tmp_path, data_dir):
     run_train(
         "-m",
@@ -72,6 +75,7 @@ def test_multirun_gives_each_job_its_own_dir(tmp_path, data_dir):
     assert lrs == [0.001, 0.002]
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_clear_paragraph_not_a_traceback(tmp_path):
     proc = run_train(
         *FAST, f"paths.log_dir={tmp_path}", f"data.data_dir={tmp_path}/empty", check=False
@@ -88,6 +92,7 @@ def test_a_misspelt_override_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_hydras_own_flags_work(tmp_path):
     job = run_train("--cfg", "job", "trainer.max_epochs=3", cwd=tmp_path)
     assert yaml.safe_load(job.stdout)["trainer"]["max_epochs"] == 3
@@ -106,6 +111,7 @@ def test_hydras_own_flags_work(tmp_path):
     assert list(tmp_path.iterdir()) == []  # none of them made a run dir
 
 
+@pytest.mark.slow
 def test_sweep_syntax_glob_range_and_a_users_own_group_file(tmp_path, data_dir):
     mine = tmp_path / "my_conf" / "experiment"
     mine.mkdir(parents=True)
@@ -129,6 +135,7 @@ def test_sweep_syntax_glob_range_and_a_users_own_group_file(tmp_path, data_dir):
         assert config["seed"] == seed and config["model"]["net"]["hidden"] == 16
 
 
+@pytest.mark.slow
 def test_a_debug_run_is_small_and_never_the_one_resume_picks(tmp_path, data_dir):
     run_train("debug=fast", f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}")
     assert not (tmp_path / "runs").exists()

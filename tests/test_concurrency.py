@@ -2,7 +2,10 @@
 
 import signal
 
+import pytest
 from test_faults import finish, last_ckpt, start, the_run, wait_until
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_run_being_trained_is_never_resumed_by_another_process(tmp_path, data_dir):

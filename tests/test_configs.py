@@ -34,6 +34,7 @@ def test_every_group_has_options():
     assert {o.split("=")[0] for o in OPTIONS} == set(GROUPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", OPTIONS)
 def test_option_composes_and_instantiates(option, tmp_path):
     if option == "trainer=gpu" and not torch.cuda.is_available():

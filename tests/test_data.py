@@ -84,6 +84,7 @@ def ddp_rank_1(loader: ResumableLoader) -> ResumableLoader:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["tensor", "torchvision", "ddp"])
 def test_the_train_loader_resumes_mid_epoch_where_it_stopped(data_dir, loader):
     dm = MNISTDataModule(
@@ -236,6 +237,7 @@ def test_a_leftover_of_an_interrupted_extraction_never_passes_as_valid(data_dir,
     assert (raw / name).stat().st_size == RAW_FILES[name][1]
 
 
+@pytest.mark.slow
 def test_kill_9_during_extraction_leaves_nothing_that_passes_as_valid(data_dir, tmp_path):
     raw = copy_raw(data_dir, tmp_path)
     proc = subprocess.Popen(
@@ -253,6 +255,7 @@ def test_kill_9_during_extraction_leaves_nothing_that_passes_as_valid(data_dir, 
     assert all((raw / name).stat().st_size == size for name, (_, size, _) in RAW_FILES.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
 def test_data_cli_names_a_damaged_gz_and_the_fix(data_dir, tmp_path, damage):
     raw = copy_raw(data_dir, tmp_path)
@@ -269,6 +272,7 @@ def test_data_cli_names_a_damaged_gz_and_the_fix(data_dir, tmp_path, damage):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_data_cli_rebuilds_a_damaged_extracted_file(data_dir, tmp_path):
     raw = copy_raw(data_dir, tmp_path)
     prepare_mnist(tmp_path)
@@ -280,6 +284,7 @@ def test_data_cli_rebuilds_a_damaged_extracted_file(data_dir, tmp_path):
     assert images.stat().st_size == RAW_FILES["t10k-images-idx3-ubyte"][1]
 
 
+@pytest.mark.slow
 def test_data_cli_says_a_data_dir_that_is_a_file_is_no_folder(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -288,6 +293,7 @@ def test_data_cli_says_a_data_dir_that_is_a_file_is_no_folder(tmp_path):
     assert "Traceback" not in proc.stderr and "writable" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["missing", "empty", "damaged"])
 def test_data_cli_names_a_bad_from_folder_and_copies_nothing(data_dir, tmp_path, source):
     raw = copy_raw(data_dir, tmp_path / "data")  # a complete copy: --from must not damage it
@@ -316,6 +322,7 @@ def leftovers(raw):
     return sorted(p.name for p in raw.iterdir() if p.name.endswith((".partial", ".download")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["labels zeroed", "one pixel flipped"])
 def test_an_extracted_file_corrupted_at_the_same_size_is_rebuilt(data_dir, tmp_path, damage):
     raw = copy_raw(data_dir, tmp_path)
@@ -368,6 +375,7 @@ def stalled_mirrors(data_dir, monkeypatch):
     silent.close()
 
 
+@pytest.mark.slow
 def test_a_stalled_download_times_out_with_the_fix(data_dir, tmp_path, stalled_mirrors):
     missing = "t10k-images-idx3-ubyte"
     raw = copy_raw(data_dir, tmp_path, [n for n in RAW_FILES if n != missing])
@@ -401,6 +409,7 @@ def small_disk(tmp_path):
         yield disk, lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["extracting", "copying"])
 def test_a_full_disk_is_named_and_leaves_no_partial_file(data_dir, tmp_path, small_disk, step):
     disk, preexec = small_disk
@@ -440,6 +449,7 @@ def drop_file_permission_override():
             os._exit(99)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["extracted", "gz", "--from"])
 def test_an_unreadable_file_is_named_with_the_fix(data_dir, tmp_path, which):
     raw = copy_raw(data_dir, tmp_path / "data")

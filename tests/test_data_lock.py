@@ -10,9 +10,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from torchvision.datasets import MNIST
 
 from mnist_cnn.data import RAW_FILES, _idx_problem, prepare_mnist, raw_problems
+
+pytestmark = pytest.mark.slow
 
 
 def _prepare(barrier, data_dir: str) -> None:

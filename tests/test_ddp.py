@@ -3,12 +3,15 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import FAST
 
 from mnist_cnn import fast_precision
 from mnist_cnn.checkpoint import load_checkpoint, load_model
 from mnist_cnn.data import MNISTDataModule
+
+pytestmark = pytest.mark.slow
 
 
 def test_ddp_cpu_trains_in_one_run_dir_with_metrics_over_both_ranks(tmp_path, data_dir):

@@ -54,6 +54,7 @@ def user_style(digit: np.ndarray, rng, mode: str = "L") -> Image.Image:
     return canvas.convert(mode)
 
 
+@pytest.mark.slow
 def test_eval_of_a_checkpoint_equals_the_test_metrics_its_run_recorded(
     tiny_run, tmp_path, data_dir
 ):
@@ -72,6 +73,7 @@ def test_eval_of_a_checkpoint_equals_the_test_metrics_its_run_recorded(
     assert list(tmp_path.iterdir()) == []  # eval only reads: no run dir, no logs
 
 
+@pytest.mark.slow
 def test_eval_names_a_bad_checkpoint_and_exits_2(tmp_path):
     bogus = tmp_path / "bogus.ckpt"
     bogus.write_bytes(b"not a checkpoint")
@@ -103,6 +105,7 @@ def test_open_image_flattens_transparency_onto_white(tmp_path):
         prepare(Image.new("L", (30, 30), 255))
 
 
+@pytest.mark.slow
 def test_predict_reports_missing_and_unreadable_files_and_classifies_the_rest(
     tiny_run, tmp_path, data_dir
 ):

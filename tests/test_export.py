@@ -18,6 +18,8 @@ from mnist_cnn.export import load_weights
 from mnist_cnn.train import train
 from mnist_cnn.validate import ConfigError
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir):

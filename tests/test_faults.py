@@ -68,6 +68,7 @@ def last_ckpt(tmp_path: Path) -> Path:
     return runs[0] if runs else tmp_path / "none"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, data_dir, sig):
     steps = ["trainer.max_epochs=2", "trainer.limit_train_batches=20", "logger=tensorboard"]
@@ -120,6 +121,7 @@ class SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_a_sigterm_during_validation_lets_it_finish_then_stops_after_the_next_batch(make_cfg):
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     cfg = make_cfg(
@@ -156,6 +158,7 @@ class TwoCtrlCAt(L.Callback):
             os.kill(os.getpid(), signal.SIGINT)  # abort now
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_aborts_without_saving_and_keeps_the_last_ckpt(make_cfg):
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     cfg = make_cfg(
@@ -185,6 +188,7 @@ class CtrlCWhileSaving(L.Callback):
             os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this batch
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_while_the_stop_saves_waits_for_the_save(make_cfg):
     cfg = make_cfg("trainer.max_epochs=2", "+callbacks.c={_target_: test_faults.CtrlCWhileSaving}")
     with pytest.raises(Interrupted, match=r"Stopped by SIGINT at step 8 \(saved .*last.ckpt\)"):
@@ -232,6 +236,7 @@ def test_a_ctrl_c_before_training_starts_is_interrupted_not_lightnings_exit(make
         signal.signal(signal.SIGINT, inherited)
 
 
+@pytest.mark.slow
 def test_a_sigterm_during_the_test_says_how_to_run_it_again(make_cfg):
     cfg = make_cfg("+callbacks.term={_target_: test_faults.SigtermAt, stage: test}")
     with pytest.raises(Interrupted, match=r"Stopped by SIGTERM at step 5 ") as stopped:
@@ -242,6 +247,7 @@ def test_a_sigterm_during_the_test_says_how_to_run_it_again(make_cfg):
     assert 0 <= metrics["test/acc"] <= 1 and step(last) == 5
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     steps = ["trainer.max_epochs=2", "trainer.limit_train_batches=12", "logger=none", "test=false"]
     steps += [
@@ -293,6 +299,7 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data
     assert metrics(a) == metrics(b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seconds", [60, 0.001])
 def test_the_last_checkpoint_saves_by_training_time_and_at_each_epoch_end(
     tmp_path, data_dir, seconds
@@ -319,6 +326,7 @@ def test_the_last_checkpoint_saves_by_training_time_and_at_each_epoch_end(
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_last_ckpt_is_current_when_the_monitored_metric_never_improves(make_cfg, tmp_path):
     # lr 1e-9: val/acc never beats epoch 0, so ModelCheckpoint saves its best once only
     train(make_cfg("trainer.max_epochs=3", "model.optimizer.lr=1e-9", "test=false"))
@@ -329,6 +337,7 @@ def test_last_ckpt_is_current_when_the_monitored_metric_never_improves(make_cfg,
     assert len(best) == 1 and best[0].name.startswith("epoch000")
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_save_leaves_the_previous_last_ckpt(tmp_path, data_dir):
     steps = ["trainer.max_epochs=1", "trainer.limit_train_batches=8", "logger=none", "test=false"]
     proc = start(tmp_path, data_dir, *steps, "callbacks.last_checkpoint.every_n_train_steps=1")
@@ -346,6 +355,7 @@ def test_kill_9_during_a_checkpoint_save_leaves_the_previous_last_ckpt(tmp_path,
     assert step(last) == 8 and not partial.exists()
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     tmp_path, data_dir
 ):
@@ -415,6 +425,7 @@ def test_a_tampered_or_foreign_ckpt_path_is_refused_before_any_work(tmp_path, ma
     assert not (tmp_path / "ran").exists() and not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_tampered_ckpt_path_and_a_damaged_last_ckpt(tmp_path, data_dir):
     files = bad_files(tmp_path)
     run = tmp_path / "runs" / "damaged"  # a run dir whose last.ckpt is damaged

@@ -21,6 +21,7 @@ def run(tmp_path_factory, data_dir):
     return out, train(cfg)
 
 
+@pytest.mark.slow
 def test_each_run_writes_the_three_figures_as_png(run):
     out, _ = run
     for name in FIGURES:

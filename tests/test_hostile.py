@@ -12,6 +12,8 @@ from test_data import small_disk  # noqa: F401 (a fixture: a 30 MB tmpfs, else a
 from mnist_cnn.checkpoint import CheckpointError, load_model
 from mnist_cnn.train import train
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def real_ckpt(tmp_path_factory, data_dir):

@@ -143,6 +143,7 @@ def test_every_exif_orientation_is_undone(mnist_test, tmp_path):
             assert stored.shape != reference.shape or np.abs(stored - reference).mean() > 10
 
 
+@pytest.mark.slow
 def test_predict_reads_phone_jpegs_upright_from_their_exif_orientation(
     named_ckpt, mnist_test, tmp_path
 ):
@@ -224,6 +225,7 @@ def test_sockets_devices_folders_and_junk_are_refused_by_name(tmp_path):
         assert words in str(error.value), error.value
 
 
+@pytest.mark.slow
 def test_predict_reports_fifos_folders_devices_and_bombs_by_name_and_reads_the_rest(
     ckpt, mnist_test, tmp_path
 ):

@@ -87,6 +87,7 @@ def rest(url: str, endpoint: str, body: dict | None = None, **query) -> dict:
         return json.load(response)
 
 
+@pytest.mark.slow
 def test_mlflow_run_and_its_resume_are_one_run_read_back_through_a_real_server(
     mlflow, make_cfg, tmp_path
 ):
@@ -138,6 +139,7 @@ def test_mlflow_run_and_its_resume_are_one_run_read_back_through_a_real_server(
     assert len(figures) == 3
 
 
+@pytest.mark.slow
 def test_runs_that_open_a_new_store_together_both_start(mlflow, tmp_path):
     """Jobs of a -m sweep on joblib: without a lock one failed creating mlflow.db's tables."""
     code = "import sys\nfrom mnist_cnn.loggers import MLFlowLogger\n"
@@ -201,6 +203,7 @@ def offline_run(folder: Path, run_id: str) -> tuple[list[dict], dict]:
     return rows, config
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics_and_a_resume_reuses_its_id(wandb, make_cfg, tmp_path):
     first = train(make_cfg("logger=wandb"))
     run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
@@ -230,6 +233,7 @@ def test_wandb_offline_run_holds_the_metrics_and_a_resume_reuses_its_id(wandb, m
     assert steps[0][-1] < steps[1][0]  # the resume goes on from the first start's step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
 def test_a_missing_tracker_package_names_the_extra_to_install(tracker, make_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, tracker, None)  # import fails, as if not installed
@@ -238,6 +242,7 @@ def test_a_missing_tracker_package_names_the_extra_to_install(tracker, make_cfg,
         train(make_cfg(f"logger=[tensorboard,{tracker}]"))
 
 
+@pytest.mark.slow
 def test_the_command_line_says_it_in_one_line_and_exits_2(tmp_path, data_dir):
     shim = tmp_path / "shim"
     shim.mkdir()

@@ -27,6 +27,7 @@ def test_the_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_against_a_fresh_checkpoint(
     python3_kernel, tmp_path, data_dir, monkeypatch
 ):

@@ -9,18 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import need
+from conftest import import_or_skip, need
 from PIL import Image
 from test_images import small_checkpoint
 from test_serve import post, serving
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="the dev extra installs selenium")
+webdriver = import_or_skip("selenium.webdriver", "the dev extra installs selenium")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.actions.action_builder import ActionBuilder  # noqa: E402
 from selenium.webdriver.common.actions.interaction import POINTER_TOUCH  # noqa: E402
 from selenium.webdriver.common.actions.pointer_input import PointerInput  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -60,6 +60,7 @@ def test_fast_and_best_compose_as_one_cycle_recipes_of_the_same_network():
     assert best.callbacks.model_checkpoint.monitor == "val/acc"  # chosen on validation only
 
 
+@pytest.mark.slow
 def test_fast_recipe_trains_with_a_per_step_one_cycle_schedule(make_cfg, tmp_path):
     metrics = train(make_cfg("experiment=fast", "logger=csv"))
     assert 0.0 <= metrics["test/acc"] <= 1.0
@@ -68,6 +69,7 @@ def test_fast_recipe_trains_with_a_per_step_one_cycle_schedule(make_cfg, tmp_pat
     assert scheduler["total_steps"] == 5 and scheduler["last_epoch"] == 5  # stepped every batch
 
 
+@pytest.mark.slow
 def test_best_recipe_runs_as_a_few_batch_debug_run(make_cfg, tmp_path):
     metrics = train(make_cfg("experiment=best"))  # 5 steps: 20% warm-up is one step
     assert 0.0 <= metrics["test/acc"] <= 1.0
@@ -76,6 +78,7 @@ def test_best_recipe_runs_as_a_few_batch_debug_run(make_cfg, tmp_path):
     assert scheduler["total_steps"] == 6 and scheduler["last_epoch"] == 5
 
 
+@pytest.mark.slow
 def test_best_recipe_tests_the_ema_weights_of_the_best_checkpoint(make_cfg, tmp_path, data_dir):
     metrics = train(make_cfg("experiment=best", "trainer.limit_train_batches=10"))
     (best,) = (tmp_path / "checkpoints").glob("epoch*.ckpt")

@@ -11,6 +11,8 @@ from test_faults import finish, start
 
 from mnist_cnn import fast_precision, runinfo
 
+pytestmark = pytest.mark.slow
+
 ARGS = ["trainer.deterministic=true", "trainer.max_epochs=2", "trainer.limit_train_batches=5"]
 ARGS += ["logger=csv", "seed=5"]
 

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -26,6 +27,7 @@ def scalars(tb_dir, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_a_run_stopped_after_epoch_1_and_resumed_equals_an_uninterrupted_run(tmp_path, data_dir):
     whole, part = tmp_path / "whole", tmp_path / "part"
     uninterrupted = start(
@@ -90,6 +92,7 @@ def test_resume_true_picks_the_run_whose_last_ckpt_is_newest(tmp_path):
     assert find_run(tmp_path, tmp_path / "runs" / "2026-01-03_run").name == "2026-01-03_run"
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_old_overrides_and_the_new_ones_win(tmp_path, data_dir):
     def cli(*args):
         return subprocess.run(

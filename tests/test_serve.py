@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import import_or_skip
 from PIL import Image
 from test_images import bomb_png, forged_png, parse, photo, predict_cli, save_jpeg, small_checkpoint
 from torchvision.datasets import MNIST
 
-pytest.importorskip("litserve", reason="the serve extra: pip install -e '.[serve]'")
+pytestmark = pytest.mark.slow
+
+import_or_skip("litserve", "the serve extra: pip install -e '.[serve]'")
 
 MAX_BYTES = 1_000_000  # the server's max_bytes in these tests
 

@@ -12,6 +12,8 @@ from conftest import FAST
 
 from mnist_cnn.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow
+
 F1 = "+model.metrics.f1={_target_:torchmetrics.classification.MulticlassF1Score,average:macro}"
 
 

@@ -16,6 +16,7 @@ def scalars(tb_dir, tag):
     return [e.value for e in events.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_and_tensorboard_and_returns_test_metrics(make_cfg, tmp_path):
     metrics = train(make_cfg("trainer.max_epochs=2"))
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
@@ -45,6 +46,7 @@ class LossSpy(L.Callback):
         LossSpy.losses[-1].append(float(outputs["loss"]))
 
 
+@pytest.mark.slow
 def test_train_metrics_are_logged_once_per_epoch_over_all_its_batches(make_cfg, tmp_path):
     LossSpy.losses = []
     train(make_cfg("trainer.max_epochs=2", "+callbacks.spy._target_=test_train.LossSpy"))
@@ -54,6 +56,7 @@ def test_train_metrics_are_logged_once_per_epoch_over_all_its_batches(make_cfg, 
     assert logged == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_from_last_ckpt_continues_the_epoch_count(make_cfg, tmp_path):
     train(make_cfg("trainer.max_epochs=1", "test=false"))
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -67,6 +70,7 @@ def test_resume_from_last_ckpt_continues_the_epoch_count(make_cfg, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_continue_is_refused_with_what_to_pass(
     make_cfg, tmp_path, data_dir
 ):
@@ -116,6 +120,7 @@ def test_one_full_epoch_reaches_98_percent(full_epoch):
     assert metrics["val/acc"] >= 0.98 and metrics["test/acc"] >= 0.98
 
 
+@pytest.mark.slow
 def test_load_model_reads_a_real_checkpoint_and_refuses_other_files(make_cfg, tmp_path):
     from mnist_cnn.checkpoint import CheckpointError, load_model
 

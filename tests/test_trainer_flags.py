@@ -10,6 +10,8 @@ from conftest import FAST
 
 from mnist_cnn.train import train
 
+pytestmark = pytest.mark.slow
+
 RICH = "callbacks.progress_bar={_target_:lightning.pytorch.callbacks.RichProgressBar}"
 FLAGS = [
     "trainer.gradient_clip_val=0.5",  # Lightning refuses to clip a fused Adam under AMP
@@ -31,7 +33,6 @@ FLAGS = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flag", FLAGS)
 def test_a_lightning_flag_trains_and_tests(make_cfg, tmp_path, flag):
     metrics = train(make_cfg(flag, "trainer.max_epochs=2", "trainer.limit_train_batches=4"))
@@ -47,7 +48,6 @@ def test_no_validation_still_writes_checkpoints(make_cfg, tmp_path):
     assert state["epoch"] == 1 and state["global_step"] == 10
 
 
-@pytest.mark.slow
 def test_ddp_spawn_on_two_cpu_processes(tmp_path, data_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "mnist_cnn.train", *FAST, "++trainer.strategy=ddp_spawn"]

@@ -13,8 +13,8 @@ import lightning as L
 import optuna
 import pytest
 import yaml
-from filelock import FileLock
 from conftest import compose_train
+from filelock import FileLock
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -52,6 +52,7 @@ def count(storage: str, *states) -> int:
     return len(trials(storage, *states))
 
 
+@pytest.mark.slow
 def test_tune_killed_then_resumed_reaches_n_trials_and_its_best_command_runs(tmp_path, data_dir):
     args = [*TINY, f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}", "tune.n_trials=3"]
     args += ["tune.heartbeat_interval=1", "tune.grace_period=2"]  # a killed trial fails fast
@@ -114,6 +115,7 @@ def test_tune_killed_then_resumed_reaches_n_trials_and_its_best_command_runs(tmp
     assert float(score) == pytest.approx(best["value"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_trial_stopped_by_ctrl_c_continues_from_its_last_checkpoint_on_the_next_run(
     tmp_path, data_dir
 ):
@@ -231,6 +233,7 @@ class CtrlCAt(L.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_a_trial_stopped_after_its_last_batch_is_complete(tmp_path, data_dir):
     ctrl_c = "+callbacks.ctrl_c={_target_: test_tune.CtrlCAt, epoch: 1, when: validation}"
     cfg = tune_cfg(tmp_path, data_dir, ctrl_c)
@@ -241,6 +244,7 @@ def test_a_trial_stopped_after_its_last_batch_is_complete(tmp_path, data_dir):
     assert tune(tune_cfg(tmp_path, data_dir))["best_trial"] == 0  # nothing left to run
 
 
+@pytest.mark.slow
 def test_a_stopped_trial_that_no_longer_fits_the_search_space_is_not_run_again(
     tmp_path, data_dir, caplog
 ):
@@ -283,6 +287,7 @@ def best_checkpoints(trial_dir) -> list:
     return [p for p in (trial_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
 
 
+@pytest.mark.slow
 def test_two_workers_started_together_on_a_new_study_share_it(tmp_path, data_dir):
     cmd = [sys.executable, "-m", "mnist_cnn.tune", *TINY, f"paths.log_dir={tmp_path}"]
     cmd += [f"data.data_dir={data_dir}", "tune.n_trials=2"]
@@ -304,6 +309,7 @@ class PauseSelf(L.Callback):
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
+@pytest.mark.slow
 def test_a_paused_worker_whose_trial_another_runs_again_leaves_it(tmp_path, data_dir):
     cmd = [sys.executable, "-m", "mnist_cnn.tune", *TINY, f"paths.log_dir={tmp_path}"]
     cmd += [f"data.data_dir={data_dir}", "tune.n_trials=1"]

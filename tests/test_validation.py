@@ -79,6 +79,7 @@ def test_each_bad_override_is_refused_with_key_value_and_what_is_allowed(bad):
     ],
     ids=lambda c: c[0],
 )
+@pytest.mark.slow
 def test_every_command_names_a_misspelt_key_in_one_line(command, tmp_path):
     *args, words = command
     proc = subprocess.run(
@@ -93,6 +94,7 @@ def test_every_command_names_a_misspelt_key_in_one_line(command, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no run dir, no outputs/
 
 
+@pytest.mark.slow
 def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path):
     # real processes, started together: every value rule at once, a misspelt key, an unknown
     # group option, a bad value inside a sweep, a resume with nothing to resume
