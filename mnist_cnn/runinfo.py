@@ -168,6 +168,14 @@ def resumed_config(cfg: DictConfig) -> tuple[DictConfig, list[str]]:
     run = Path(cfg.paths.output_dir)
     saved = run / ".hydra" / "config.yaml"
     if not HydraConfig.initialized() or not saved.is_file():
+        hydra_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+        if hydra_dir and run.resolve() == Path(hydra_dir).resolve():
+            raise ConfigError(  # not tune's trial dirs: those have no .hydra/ of their own
+                f"Cannot resume {run}: its settings ({saved}) are missing, so it would go on "
+                "with this command's defaults. Start a new run from its checkpoint with the "
+                f"settings you want: python -m mnist_cnn.train ckpt_path={run}/checkpoints/"
+                "last.ckpt key=value ..."
+            )
         return cfg, []
     fix = "resuming with this command's config for it; pass the run's overrides again if needed."
     old_config = _read_yaml(saved, fix)

@@ -37,7 +37,7 @@ from mnist_cnn.checkpoint import (
 )
 from mnist_cnn.data import DataError
 from mnist_cnn.module import logged_metrics, make_model
-from mnist_cnn.validate import ConfigError, check, check_metrics, run, task
+from mnist_cnn.validate import ConfigError, check, check_metrics, out_of_memory, run, task
 
 log = logging.getLogger(__name__)
 
@@ -187,20 +187,39 @@ KINDS |= {Diverged: "diverged", StorageError: "storage"}
 
 
 def _storage_error(e: OSError, cfg: DictConfig) -> StorageError:
-    where = e.filename or cfg.paths.output_dir
+    where = os.fsdecode(e.filename) if e.filename else cfg.paths.output_dir
+    fix = "Free some space or make the folder writable"
+    if e.errno == errno.ENOENT:
+        fix = "Was the run dir deleted or moved while training? Leave it in place"
+    run = Path(cfg.paths.output_dir)
+    again = f"resume={run}"
+    if not (run / ".hydra" / "config.yaml").is_file():  # its settings are gone with it
+        again = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'} with the run's settings"
     return StorageError(
-        f"Cannot write {where}: {e.strerror or e}. Free some space or make the folder writable "
-        f"(or pass paths.log_dir=/another/folder); the last complete checkpoint is kept, and "
-        f"resume={cfg.paths.output_dir} continues from it."
+        f"Cannot write {where}: {e.strerror or e}. {fix} (or pass paths.log_dir=/another/folder); "
+        f"the last complete checkpoint is kept, and {again} continues from it."
     )
+
+
+def _thread_write_error(args) -> None:
+    """A background writer (TensorBoard's event thread) that cannot write: one line, not a
+    traceback; the main thread names the fault when it writes next."""
+    e = args.exc_value
+    if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+        where = os.fsdecode(e.filename) if e.filename else "a file"
+        log.warning("%s could not write %s: %s", args.thread.name, where, e.strerror or e)
+    else:
+        threading.__excepthook__(args)
 
 
 def _out_of_memory(cfg: DictConfig) -> ConfigError:
     batch = OmegaConf.select(cfg, "data.batch_size", default="?")
     evals = OmegaConf.select(cfg, "data.eval_batch_size", default="?")
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
+    half = "" if "16" in precision else "; trainer.precision=bf16-mixed halves activations"
     return ConfigError(
         f"Out of memory: lower data.batch_size (now {batch}) or data.eval_batch_size (now "
-        f"{evals}), or use a smaller model.net; trainer.precision=bf16-mixed halves activations."
+        f"{evals}), or use a smaller model.net{half}."
     )
 
 
@@ -220,15 +239,18 @@ def _job_failed(cfg: DictConfig, error: Exception) -> None:
 @task
 def main(cfg: DictConfig) -> float | None:
     sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    threading.excepthook = _thread_write_error
     try:
         try:
             metrics = train(cfg)
-        except (torch.OutOfMemoryError, MemoryError):
-            raise _out_of_memory(cfg) from None
         except OSError as e:  # ours to name only when the run's files cannot be written
             if e.errno not in WRITE_ERRORS or _in_user_code(e):
                 raise
             raise _storage_error(e, cfg) from None
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            raise _out_of_memory(cfg) from None
     except (ConfigError, DataError, CheckpointError, Diverged, StorageError) as e:
         log.error("%s", e)
         if sweep:

@@ -271,7 +271,21 @@ def explain(error: BaseException) -> str | None:
     for e in _chain(error):  # e.g. from a resolver of the run dir: resume=<a run with no ckpt>
         if isinstance(e, ConfigError) or type(e).__name__ == "CheckpointError":
             return str(e)
+    if out_of_memory(error):
+        return (
+            "Out of memory: lower data.batch_size or data.eval_batch_size, or use a smaller "
+            "model.net; trainer.precision=bf16-mixed halves activations."
+        )
     return None
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """torch ran out of memory: a GPU's is ``torch.OutOfMemoryError``, the CPU allocator's a
+    RuntimeError."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error) if isinstance(error, RuntimeError) else ""
+    return "DefaultCPUAllocator" in text and ("can't allocate" in text or "not enough" in text)
 
 
 def _chain(error: BaseException):

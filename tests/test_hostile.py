@@ -1,8 +1,11 @@
 """Hostile files and full disks end with one line (exit 2), keep the last good checkpoint and
 leave no temporary file: crafted checkpoints, a filesystem that fills up, a max_time stop."""
 
+import resource
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -90,3 +93,51 @@ def test_a_max_time_stop_saves_its_partial_epoch(make_cfg, tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert 0 < state["global_step"] < 782 and state["epoch"] == 0  # stopped inside epoch 1
     assert "test/acc" in metrics
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mnist_cnn.train", "callbacks.progress_bar.refresh_rate=0"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_out_of_memory_names_the_batch_size_to_lower(tmp_path, data_dir):
+    def ten_gib():  # address space: what torch and the data need, not a batch of 50,000
+        resource.setrlimit(resource.RLIMIT_AS, (10 * 2**30, 10 * 2**30))
+
+    proc = cli(
+        *("trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=1"),
+        *("trainer.num_sanity_val_steps=0", "data.batch_size=50000", "test=false"),
+        f"paths.log_dir={tmp_path}",
+        f"data.data_dir={data_dir}",
+        preexec_fn=ten_gib,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "Out of memory: lower data.batch_size (now 50000)" in proc.stdout
+
+
+def test_a_run_dir_deleted_while_training_is_one_line_and_its_resume_says_what_to_do(
+    tmp_path, data_dir
+):
+    args = ["trainer.accelerator=cpu", "trainer.max_epochs=3", "trainer.limit_train_batches=60"]
+    args += ["trainer.limit_val_batches=5", "test=false", f"paths.log_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "mnist_cnn.train", *args, f"data.data_dir={data_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("runs/*/checkpoints/last.ckpt")):  # epoch 1 is saved
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    (run,) = tmp_path.glob("runs/*")
+    shutil.rmtree(run, ignore_errors=True)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 2, out[-2000:]
+    assert "Traceback" not in out
+    assert "Was the run dir deleted or moved while training?" in out
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"ckpt_path={last} with the run's settings continues from it" in out
+    assert torch.load(last, weights_only=True)["epoch"] >= 1  # saved again as the run stopped
+
+    again = cli(f"resume={run}")  # its settings went with it: a new run from its checkpoint
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert f"Cannot resume {run}: its settings" in again.stdout + again.stderr
+    assert f"ckpt_path={run}/checkpoints/last.ckpt" in again.stdout + again.stderr
