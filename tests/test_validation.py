@@ -5,12 +5,21 @@ import sys
 import typing
 
 import pytest
+import torch
 from conftest import compose_train
 from omegaconf import OmegaConf
 
 from mnist_cnn import ROOT
 from mnist_cnn.train import train
-from mnist_cnn.validate import ACCELERATORS, PRECISIONS, RULES, ConfigError, check, explain
+from mnist_cnn.validate import (
+    ACCELERATORS,
+    PRECISIONS,
+    RULES,
+    ConfigError,
+    check,
+    explain,
+    out_of_memory,
+)
 
 # override -> words the message must hold (the key, the value, what is allowed)
 BAD = {
@@ -171,3 +180,13 @@ def test_train_checks_too_before_any_work(tmp_path, bad):
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
         train(cfg)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_an_out_of_memory_in_any_command_names_the_batch_size():
+    try:  # the CPU allocator's own error (a RuntimeError, not torch.OutOfMemoryError)
+        torch.empty(2**60, dtype=torch.uint8)
+    except RuntimeError as e:
+        cpu = e
+    assert out_of_memory(cpu) and out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert explain(cpu).startswith("Out of memory: lower data.batch_size or data.eval_batch_size")
