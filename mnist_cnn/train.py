@@ -131,6 +131,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_weights(model, state, ckpt_path)  # another model.net or optimizer stops here
     callbacks = build("callbacks", lambda: instantiate_group(cfg.get("callbacks")))
     # last.ckpt after every other callback's epoch end (ModelCheckpoint's best, the history)
+    callbacks = [c for c in callbacks if not _switched_off(c, cfg.trainer)]
     callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
     # run_info.yaml and a resume's .hydra/ files, once the data and checkpoint are read;
     # resolved here, where Hydra's ${hydra:...} is known (not in ddp_spawn's processes)
@@ -175,6 +176,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("best checkpoint: %s", best)
     runinfo.unlock_run(cfg.paths.output_dir)  # complete: nothing more is written there
     return metrics
+
+
+def _switched_off(callback: L.Callback, trainer: DictConfig) -> bool:
+    """``trainer.enable_checkpointing=false`` (and the progress bar's and model summary's
+    switches) drop our callbacks of that kind, as Lightning drops its own defaults."""
+    kinds = {
+        "enable_checkpointing": L.pytorch.callbacks.Checkpoint,
+        "enable_progress_bar": L.pytorch.callbacks.ProgressBar,
+        "enable_model_summary": L.pytorch.callbacks.ModelSummary,
+    }
+    return any(trainer.get(k) is False and isinstance(callback, t) for k, t in kinds.items())
 
 
 class StorageError(OSError):

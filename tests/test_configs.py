@@ -34,8 +34,12 @@ def test_every_group_has_options():
     assert {o.split("=")[0] for o in OPTIONS} == set(GROUPS)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("option", OPTIONS)
+TRACKERS = ("logger=mlflow", "logger=wandb", "logger=all")  # seconds each to import and start
+
+
+@pytest.mark.parametrize(
+    "option", [pytest.param(o, marks=pytest.mark.slow) if o in TRACKERS else o for o in OPTIONS]
+)
 def test_option_composes_and_instantiates(option, tmp_path):
     if option == "trainer=gpu" and not torch.cuda.is_available():
         cfg = compose_train(option, f"paths.output_dir={tmp_path}")
