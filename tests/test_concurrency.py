@@ -9,7 +9,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_run_being_trained_is_never_resumed_by_another_process(tmp_path, data_dir):
-    long = ["trainer.max_epochs=3", "trainer.limit_train_batches=200", "test=false"]
+    # full epochs (~780 batches): the live run must outlast the two refused starts below, each
+    # ~30 s of imports on a loaded 2-core machine; it is killed long before it would end
+    long = ["trainer.max_epochs=3", "trainer.limit_train_batches=1.0", "test=false"]
     live = start(tmp_path, data_dir, *long, "callbacks.last_checkpoint.every_n_train_steps=2")
     wait_until(live, lambda: last_ckpt(tmp_path).exists())
     run = the_run(tmp_path)

@@ -44,11 +44,41 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, proc.log.read()
 
 
-def wait_until(proc: subprocess.Popen, condition, poll: float = 0.01) -> None:
+def wait_until(proc: subprocess.Popen, condition, poll: float = 0.01, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout  # fail, never hang, if the run stalls
     while not condition():
         if proc.poll() is not None:
             pytest.fail("the run ended too soon:\n" + finish(proc)[1][-3000:])
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"not reached in {timeout} s:\n" + finish(proc)[1][-3000:])
         time.sleep(poll)
+
+
+def stopped(proc: subprocess.Popen) -> bool:
+    """Whether every thread of ``proc`` is stopped (SIGSTOP), or the process is gone."""
+    try:
+        stats = [t.read_text() for t in Path(f"/proc/{proc.pid}/task").glob("*/stat")]
+    except FileNotFoundError:  # a thread or the process ended meanwhile
+        return proc.poll() is not None
+    return all(s.rpartition(")")[2].split()[0] in ("T", "t", "Z", "X") for s in stats)
+
+
+def kill_when(proc: subprocess.Popen, condition, poll: float = 0.01) -> None:
+    """``kill -9`` ``proc`` at a moment ``condition()`` holds. It is checked again with the run
+    paused (SIGSTOP), so nothing changes between the check and the kill, however slow the
+    machine; when the run moved on meanwhile, it continues and the wait goes on."""
+    while True:
+        wait_until(proc, condition, poll)
+        proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while not stopped(proc):
+            assert time.monotonic() < deadline, "SIGSTOP did not stop the run"
+            time.sleep(0.001)
+        if proc.poll() is None and condition():
+            proc.kill()
+            return
+        proc.send_signal(signal.SIGCONT)
 
 
 def the_run(tmp_path: Path) -> Path:
@@ -266,8 +296,7 @@ def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data
         last = last_ckpt(part)
         return step(last) > 12 and not last.with_name("last.ckpt.partial").exists()
 
-    wait_until(proc, in_epoch_2_and_not_saving)
-    proc.kill()
+    kill_when(proc, in_epoch_2_and_not_saving)
     assert finish(proc)[0] == -signal.SIGKILL
     saved = load_checkpoint(last)
     assert saved["global_step"] % 3 == 0 and 12 < saved["global_step"] < 24
@@ -344,8 +373,7 @@ def test_kill_9_during_a_checkpoint_save_leaves_the_previous_last_ckpt(tmp_path,
     wait_until(proc, lambda: last_ckpt(tmp_path).exists())
     last = last_ckpt(tmp_path)
     partial = last.with_name("last.ckpt.partial")
-    wait_until(proc, partial.exists, poll=0.0005)
-    proc.kill()  # while the next checkpoint is being written
+    kill_when(proc, partial.exists, poll=0.0005)  # while the next checkpoint is being written
     assert finish(proc)[0] == -signal.SIGKILL
     state = load_checkpoint(last)  # complete, readable with weights_only=True
     assert state["global_step"] >= 1

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -50,17 +50,37 @@ def free_port() -> int:
 @contextmanager
 def mlflow_server(db: Path, workdir: Path):
     """``mlflow server`` on 127.0.0.1 with ``db`` as its store; yields its URL."""
-    port, log = free_port(), workdir / "mlflow_server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with log.open("w") as out:  # its own process group: uvicorn runs as a child
-        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=out, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    log = workdir / "mlflow_server.log"
+    for _ in range(5):  # the port is free when picked; if another process takes it first: again
+        port = free_port()
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        with log.open("w") as out:  # its own process group: uvicorn runs as a child
+            proc = subprocess.Popen(
+                cmd, cwd=workdir, stdout=out, stderr=out, start_new_session=True
+            )
+        url = f"http://127.0.0.1:{port}"
+        # uvicorn says so once it has bound the port: a /health answer before that could come
+        # from another server on the port (one that makes this one fail to bind it)
+        listening, deadline = f"Uvicorn running on {url}", time.monotonic() + 300
+        taken = "address already in use"
+        while listening not in (text := log.read_text()) and taken not in text:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                text = log.read_text()
+                break
+            time.sleep(0.25)
+        if listening in text and proc.poll() is None:
+            break
+        stop_server(proc)
+        if taken not in text:
+            pytest.fail(f"mlflow server did not start:\n{text[-3000:]}")
+    else:
+        pytest.fail(f"no free port in 5 tries:\n{log.read_text()[-3000:]}")
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                urllib.request.urlopen(f"{url}/health", timeout=10).close()
                 break
             except OSError:
                 assert proc.poll() is None, log.read_text()[-3000:]
@@ -68,12 +88,18 @@ def mlflow_server(db: Path, workdir: Path):
                 time.sleep(0.25)
         yield url
     finally:
+        stop_server(proc)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    with suppress(ProcessLookupError):  # the group may be gone already
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
 
 
 def rest(url: str, endpoint: str, body: dict | None = None, **query) -> dict:
@@ -83,7 +109,7 @@ def rest(url: str, endpoint: str, body: dict | None = None, **query) -> dict:
         address += "?" + urllib.parse.urlencode(query)
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(address, data, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=120) as response:
         return json.load(response)
 
 

@@ -65,7 +65,7 @@ def state(driver) -> str:
 
 
 def wait_for_answer(driver) -> str:
-    WebDriverWait(driver, 60).until(lambda d: state(d) in ("answered", "error"))
+    WebDriverWait(driver, 120).until(lambda d: state(d) in ("answered", "error"))
     return state(driver)
 
 

@@ -37,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_cli(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def serve_cli(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mnist_cnn.serve", *args],
         capture_output=True,
@@ -47,27 +47,51 @@ def serve_cli(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedPro
     )
 
 
+def start_server(ckpt: Path, cwd: Path, *overrides: str) -> tuple[subprocess.Popen, int]:
+    """``python -m mnist_cnn.serve`` on a free port, once it has checked that it can listen
+    there: ``(process, port)``. The port is free when picked, but another process may take it
+    before the server binds it (and answer /health in its place): then another port is tried."""
+    log = cwd / "serve.log"
+    for _ in range(5):
+        port = free_port()
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mnist_cnn.serve",
+                    f"ckpt_path={ckpt}",
+                    f"port={port}",
+                    *overrides,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,  # its own process group: nothing is left behind
+            )
+        deadline = time.monotonic() + 240
+        # logged after serve's own check that the port is free, just before it listens
+        while f"the drawing page: http://127.0.0.1:{port}/" not in log.read_text():
+            if proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        else:
+            return proc, port
+        if f"port={port}: cannot listen on 127.0.0.1" not in log.read_text():
+            pytest.fail(f"the server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"no free port in 5 tries:\n{log.read_text()[-3000:]}")
+
+
 @contextlib.contextmanager
 def serving(ckpt: Path, cwd: Path, *overrides: str):
     """``python -m mnist_cnn.serve`` on a free port until it answers /health; yields its URL.
     Afterwards SIGTERM must stop it and all its processes (LitServe's workers) within 60 s."""
-    port = free_port()
+    proc, port = start_server(ckpt, cwd, *overrides)
     log = cwd / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mnist_cnn.serve",
-                f"ckpt_path={ckpt}",
-                f"port={port}",
-                *overrides,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            start_new_session=True,  # its own process group: nothing is left behind
-        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -97,8 +121,9 @@ def serving(ckpt: Path, cwd: Path, *overrides: str):
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether a process of the group still runs (zombies excluded), after a few seconds' grace."""
-    for _ in range(20):
+    """Whether a process of the group still runs (zombies excluded), after 30 s' grace: its
+    workers' own shutdown may take a while on a loaded machine."""
+    for _ in range(120):
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -113,7 +138,7 @@ def post(url: str, body: bytes, content_type: str | None = "image/png") -> tuple
     if content_type:
         request.add_header("Content-Type", content_type)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -228,7 +253,7 @@ def test_32_concurrent_requests_each_get_their_own_answer_bad_ones_alongside(ser
 
 
 def test_the_page_is_at_the_root(server):
-    with urllib.request.urlopen(server + "/", timeout=10) as response:
+    with urllib.request.urlopen(server + "/", timeout=60) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/html")
         page = response.read().decode()

@@ -126,6 +126,8 @@ def test_a_trial_stopped_by_ctrl_c_continues_from_its_last_checkpoint_on_the_nex
         "trainer.limit_val_batches=1",
         "trainer.num_sanity_val_steps=0",
         "callbacks.progress_bar.refresh_rate=0",
+        # last.ckpt only at epoch ends (and the stop), not after 60 s of a slow epoch 1
+        "callbacks.last_checkpoint.every_n_seconds=3600",
         "logger=none",
         f"paths.log_dir={tmp_path}",
         f"data.data_dir={data_dir}",
