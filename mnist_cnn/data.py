@@ -189,7 +189,9 @@ def _prepare_lock(data_dir: Path) -> Iterator[None]:
         with suppress(OSError):  # only informs waiters
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
             holder["command"] = " ".join(shlex.join(sys.orig_argv).split())  # one line
-            holder_file.write_text(json.dumps(holder))
+            written = holder_file.with_name(f"{holder_file.name}.{os.getpid()}")
+            written.write_text(json.dumps(holder))
+            written.replace(holder_file)  # whole: a waiter never reads it half-written
         yield
     finally:
         with suppress(OSError):
