@@ -130,8 +130,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if state is not None:
         check_weights(model, state, ckpt_path)  # another model.net or optimizer stops here
     callbacks = build("callbacks", lambda: instantiate_group(cfg.get("callbacks")))
-    # last.ckpt after every other callback's epoch end (ModelCheckpoint's best, the history)
     callbacks = [c for c in callbacks if not _switched_off(c, cfg.trainer)]
+    # last.ckpt after every other callback's epoch end (ModelCheckpoint's best, the history)
     callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
     # run_info.yaml and a resume's .hydra/ files, once the data and checkpoint are read;
     # resolved here, where Hydra's ${hydra:...} is known (not in ddp_spawn's processes)

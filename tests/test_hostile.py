@@ -25,6 +25,12 @@ def real_ckpt(tmp_path_factory, data_dir):
     return out / "checkpoints" / "last.ckpt"
 
 
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m mnist_cnn.train *args`` with no progress bar; its output captured."""
+    cmd = [sys.executable, "-m", "mnist_cnn.train", "callbacks.progress_bar.refresh_rate=0"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600, **kwargs)
+
+
 def crafted(real_ckpt, tmp_path, **changes):
     state = torch.load(real_ckpt, weights_only=True)
     state["hyper_parameters"] |= changes
@@ -68,18 +74,11 @@ def test_a_huge_network_in_a_checkpoint_allocates_nothing(real_ckpt, tmp_path):
 
 def test_a_full_disk_during_a_checkpoint_save_is_one_line(small_disk, data_dir):  # noqa: F811
     disk, limit = small_disk  # 30 MB: the first last.ckpt (weights and Adam) does not fit
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.train", "trainer.max_epochs=1"]
-        + [
-            "trainer.limit_train_batches=3",
-            "trainer.limit_val_batches=1",
-            "trainer.accelerator=cpu",
-        ]
-        + ["callbacks.progress_bar.refresh_rate=0", "logger=none"]
-        + [f"paths.log_dir={disk}", f"data.data_dir={data_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = cli(
+        *("trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1"),
+        *("trainer.accelerator=cpu", "logger=none"),
+        f"paths.log_dir={disk}",
+        f"data.data_dir={data_dir}",
         preexec_fn=limit,
     )
     said = proc.stdout + proc.stderr
@@ -93,11 +92,6 @@ def test_a_max_time_stop_saves_its_partial_epoch(make_cfg, tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert 0 < state["global_step"] < 782 and state["epoch"] == 0  # stopped inside epoch 1
     assert "test/acc" in metrics
-
-
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mnist_cnn.train", "callbacks.progress_bar.refresh_rate=0"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def test_out_of_memory_names_the_batch_size_to_lower(tmp_path, data_dir):
