@@ -149,26 +149,27 @@ def test_predict_reads_phone_jpegs_upright_from_their_exif_orientation(
 ):
     folder = tmp_path / "phone"
     folder.mkdir()
-    labels = {}
     for i in range(12):
         picture = photo(mnist_test.data[i].numpy())
         save_jpeg(picture, folder / f"{i:02d}_upright.jpg")
         orientation = (6, 8, 3)[i % 3]  # held left, right, upside down
         save_jpeg(picture, folder / f"{i:02d}_turned.jpg", orientation)
-        labels[i] = int(mnist_test.targets[i])
+
+    # the orientation is undone: the turned photo reads as the upright one, up to JPEG noise (a
+    # comparison of the model's inputs, so it holds whatever the CPU's kernels)
+    for i in range(12):
+        upright = np.asarray(open_image(folder / f"{i:02d}_upright.jpg"), np.float32)
+        turned = np.asarray(open_image(folder / f"{i:02d}_turned.jpg"), np.float32)
+        assert turned.shape == upright.shape and np.abs(turned - upright).mean() < 2, i
 
     proc = predict_cli(named_ckpt, folder, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = parse(proc.stdout)
     assert len(answers) == 24
-    right = 0
-    for i, label in labels.items():
+    for i in range(12):
         turned, upright = answers[f"{i:02d}_turned.jpg"], answers[f"{i:02d}_upright.jpg"]
         assert turned[:2] == upright[:2], (i, turned, upright)  # same class name and index
-        assert turned[2] == pytest.approx(upright[2], abs=0.05)
         assert turned[0] == WORDS[turned[1]]  # the checkpoint's name for the class
-        right += turned[1] == label
-    assert right >= 10, f"{right}/12 turned photos read right"
 
 
 def test_16_bit_png_is_scaled_not_clipped(mnist_test, tmp_path):
