@@ -159,6 +159,20 @@ class RNGState(L.Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class FirstValidationCheck(L.Callback):
+    """Calls ``check(names)`` with the metric names the module logged in its first validation
+    (Lightning's sanity check, before the first training batch), for a module that does not
+    list them itself."""
+
+    def __init__(self, check):
+        self.check, self.done = check, False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self.done:
+            self.done = True
+            self.check(sorted(trainer.callback_metrics))
+
+
 class Interrupted(Exception):
     """Training was stopped by Ctrl-C or SIGTERM after saving ``checkpoint``; ``aborted``: by a
     Ctrl-C that Lightning handled (a second one, or one before training started), without

@@ -7,12 +7,15 @@ import io
 import os
 from pathlib import Path
 
+import hydra
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from mnist_cnn.module import Classifier, checked_target
+from mnist_cnn.validate import in_user_code, unwrap
 
 
 class CheckpointError(RuntimeError):
@@ -29,6 +32,61 @@ def _fail(path, problem: str, fix: str = FIX) -> CheckpointError:
     return CheckpointError(f"Cannot use checkpoint {path}: {problem}. {fix}")
 
 
+RECORD = "mnist_cnn"  # a checkpoint's key for its module's constructor call and its data
+DATA_KEYS = ("classes", "channels", "image_size", "preprocess", "datamodule")
+CLASSIFIER = f"{Classifier.__module__}.{Classifier.__qualname__}"
+
+
+def plain(value):
+    """``value`` with OmegaConf containers (anywhere inside) as plain dicts and lists, so a
+    checkpoint loads with ``torch.load(weights_only=True)``."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+class Describe(L.Callback):
+    """Every checkpoint names its LightningModule: ``checkpoint["mnist_cnn"]`` holds ``module``
+    (its ``_target_`` and every constructor argument, ``module_config``) and ``data`` (what the
+    datamodule told it), so the tools rebuild the user's own class from the file alone. The
+    module's and datamodule's own ``save_hyperparameters`` are kept in plain types."""
+
+    def __init__(self, module: dict, data: dict):
+        self.record = {"module": plain(module), "data": plain(data)}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[RECORD] = self.record
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain(checkpoint[key])
+        for key in ("hparams_type", "datamodule_hparams_type"):  # a class: weights_only refuses
+            checkpoint.pop(key, None)
+
+
+def module_of(state: dict) -> dict:
+    """The module's constructor call that a checkpoint records; a checkpoint from before the
+    record: our ``Classifier`` with its hyper-parameters."""
+    record = (state.get(RECORD) or {}).get("module")
+    if isinstance(record, dict):
+        return {**record, "_recursive_": False}
+    return {"_target_": CLASSIFIER, **state["hyper_parameters"], "_recursive_": False}
+
+
+def describe(state: dict) -> dict:
+    """How the checkpoint's model wants its data: ``classes``, ``channels``, ``image_size``,
+    ``preprocess`` and ``datamodule``, from its record, else its hyper-parameters, else the
+    MNIST defaults."""
+    hp, data = state["hyper_parameters"], (state.get(RECORD) or {}).get("data") or {}
+    found = {"channels": 1, "image_size": 28, "preprocess": "mnist"}
+    found |= {k: hp[k] for k in DATA_KEYS if k in hp} | {k: data[k] for k in DATA_KEYS if k in data}
+    found.setdefault("classes", [str(c) for c in range(10)])
+    return found
+
+
 def load_checkpoint(path: str | Path, map_location="cpu", fix: str = FIX, lightning=True) -> dict:
     """The checkpoint dict, read with ``weights_only=True`` (no code from the file runs); a
     ``CheckpointError`` that ends with ``fix`` when it is missing, damaged or not ours."""
@@ -40,7 +98,10 @@ def load_checkpoint(path: str | Path, map_location="cpu", fix: str = FIX, lightn
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights-only errors all mean "not a usable checkpoint"
-        raise _fail(path, f"it is not a readable checkpoint ({type(e).__name__})", fix) from None
+        why = type(e).__name__
+        if unsafe := next((x for x in str(e).splitlines() if "Unsupported global" in x), None):
+            why += f": {unsafe.strip()}; a value in it is not a plain type"  # e.g. a ListConfig
+        raise _fail(path, f"it is not a readable checkpoint ({why})", fix) from None
     if not lightning:  # e.g. the weights ddp_spawn's processes hand back
         return state
     if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
@@ -80,7 +141,7 @@ def check_weights(model: Classifier, state: dict, path) -> None:
     ``model.net``) or its optimizer state is another optimizer's; on success ``model`` holds
     the weights."""
     saved = (state["hyper_parameters"].get("optimizer") or {}).get("_target_")
-    wanted = model.hparams.optimizer.get("_target_")
+    wanted = (model.hparams.get("optimizer") or {}).get("_target_")
     if saved and saved != wanted:
         raise CheckpointError(
             f"Cannot train from checkpoint {path}: it holds the state of {saved}, and "
@@ -98,9 +159,9 @@ def check_weights(model: Classifier, state: dict, path) -> None:
         ) from None
 
 
-def _hparams_problem(hp: dict) -> str | None:
-    """What is wrong with a checkpoint's description of its data and network, before any of it
-    is built (a crafted file must not make us allocate or import anything it likes)."""
+def _hparams_problem(hp: dict, module: dict) -> str | None:
+    """What is wrong with a checkpoint's description of its module, data and network, before
+    any of it is built (a crafted file must not make us allocate or import anything it likes)."""
     classes, channels, size = hp.get("classes"), hp.get("channels", 1), hp.get("image_size", 28)
     if classes is not None and not (
         isinstance(classes, list)
@@ -112,33 +173,49 @@ def _hparams_problem(hp: dict) -> str | None:
         return f"its channels={channels!r} is not 1 to 4"
     if not (isinstance(size, int) and 1 <= size <= 4096):
         return f"its image_size={size!r} is not 1 to 4096"
-    for key, base in (("net", nn.Module), ("datamodule", L.LightningDataModule)):
-        if hp.get(key) is not None:
+    checks = [(module, L.LightningModule, "module"), (hp.get("datamodule"), L.LightningDataModule)]
+    if isinstance(module.get("net"), dict):  # a network config inside it: our Classifier's
+        checks.append((module["net"], nn.Module, "net"))
+    for config, base, *name in checks:
+        key = name[0] if name else "datamodule"
+        if config is not None:
             try:
-                checked_target(hp[key], base, key)
+                checked_target(config, base, key)
             except (ImportError, ValueError, TypeError, AttributeError) as e:
                 return f"its {key} cannot be used ({e})"
     return None
 
 
-def load_model(path: str | Path, map_location="cpu") -> Classifier:
-    """A ``Classifier`` in eval mode with the checkpoint's weights. Its hyper-parameters are
-    checked, and the network is first built on the meta device (no memory) to compare its
-    shapes with the weights', before anything real is built."""
+def load_model(path: str | Path, map_location="cpu") -> L.LightningModule:
+    """The checkpoint's LightningModule (ours or the user's own class, as its record names it) in
+    eval mode with its weights; its ``hparams`` also hold what the tools read (``classes``,
+    ``channels``, ``image_size``, ``preprocess``, ``datamodule``). The record is checked, and
+    the module is first built on the meta device (no memory) to compare its shapes with the
+    weights', before anything real is built. An error raised in the user's own code keeps its
+    traceback."""
     state = load_checkpoint(path, map_location)
-    hp = state["hyper_parameters"]
-    if problem := _hparams_problem(hp):
+    module, data = module_of(state), describe(state)
+    if problem := _hparams_problem(data, module):
         raise _fail(path, problem)
+    name = module["_target_"].rpartition(".")[2]
     try:
         with torch.device("meta"):
-            shapes = {k: v.shape for k, v in Classifier(**hp).state_dict().items()}
+            shapes = {k: v.shape for k, v in hydra.utils.instantiate(module).state_dict().items()}
         saved = {k: v.shape for k, v in state["state_dict"].items()}
         if wrong := [k for k in shapes.keys() | saved.keys() if shapes.get(k) != saved.get(k)]:
             raise RuntimeError(f"{sorted(wrong)[0]} does not match its network")
-        model = Classifier(**hp)
+        model = hydra.utils.instantiate(module)
         model.load_state_dict(state["state_dict"])
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise _fail(path, f"its weights do not fit the model ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        cause = unwrap(e)
+        if in_user_code(cause):
+            raise cause from None
+        if not isinstance(cause, TypeError | RuntimeError | ValueError):
+            raise
+        detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise _fail(path, f"its weights do not fit its module {name} ({detail})") from None
+    for key, value in data.items():  # what eval, predict and serve read from model.hparams
+        model.hparams.setdefault(key, value)
     return model.eval()
 
 

@@ -20,8 +20,15 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from mnist_cnn.checkpoint import CheckpointError, load_checkpoint, load_model
-from mnist_cnn.module import net_config
+from mnist_cnn.checkpoint import (
+    CheckpointError,
+    Describe,
+    describe,
+    load_checkpoint,
+    load_model,
+    module_of,
+)
+from mnist_cnn.module import Classifier, checked_target, net_config
 from mnist_cnn.validate import ConfigError, file_in_the_way, run, task
 
 log = logging.getLogger(__name__)
@@ -33,10 +40,15 @@ ONNX_TOLERANCE = 1e-4  # max abs difference of the logits, ONNX Runtime vs PyTor
 def weights(checkpoint: dict) -> dict:
     """The network alone from a Lightning checkpoint dict: ``state_dict``, ``net`` (its full
     config), ``classes``, ``channels``, ``image_size``, ``preprocess`` (plain types and tensors
-    only: loads with ``weights_only=True``)."""
-    hp = checkpoint["hyper_parameters"]
-    state = {k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    net = net_config(hp)
+    only: loads with ``weights_only=True``). Our ``Classifier``'s network is its ``net``; a
+    module of the user's own is the network as a whole."""
+    module, data = module_of(checkpoint), describe(checkpoint)
+    hp = {**checkpoint["hyper_parameters"], **data}
+    if issubclass(checked_target(module, L.LightningModule, "module"), Classifier):
+        state = {k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        net = net_config(hp)
+    else:
+        state, net = checkpoint["state_dict"], module
     hydra.utils.instantiate(net).load_state_dict(state)  # fails here, not in the user's hands
     info = {k: hp[k] for k in ("classes", "channels", "image_size", "preprocess")}
     return {"state_dict": state, "net": net, **info}
@@ -45,8 +57,6 @@ def weights(checkpoint: dict) -> dict:
 def load_weights(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The network of a ``model.pt`` in eval mode, and the rest of the file (classes, input
     shape); its class is checked to be an ``nn.Module`` before it is built."""
-    from mnist_cnn.module import checked_target
-
     saved = torch.load(path, map_location="cpu", weights_only=True)
     checked_target(saved["net"], torch.nn.Module, "net")
     net = hydra.utils.instantiate(saved["net"])
@@ -90,9 +100,12 @@ class ExportWeights(L.Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best:
             checkpoint = load_checkpoint(best)
-        else:
-            state = {f"net.{k}": v.cpu() for k, v in pl_module.net.state_dict().items()}
+        else:  # what a checkpoint of the module holds, with the record that names it
+            state = {k: v.cpu() for k, v in pl_module.state_dict().items()}
             checkpoint = {"state_dict": state, "hyper_parameters": dict(pl_module.hparams)}
+            for callback in trainer.callbacks:
+                if isinstance(callback, Describe):
+                    callback.on_save_checkpoint(trainer, pl_module, checkpoint)
         path = save_weights(checkpoint, Path(trainer.default_root_dir) / self.filename)
         log.info("wrote %s (weights of %s)", path, best or "the last epoch")
 
@@ -177,7 +190,7 @@ def export(cfg: DictConfig) -> Path:
     shape = (model.hparams.channels, model.hparams.image_size, model.hparams.image_size)
     try:
         with writing(output) as partial:
-            diff = export_onnx(model.net, partial, shape)
+            diff = export_onnx(model, partial, shape)  # its forward: the network and its input
     except OSError as e:
         raise _cannot_write(output, e, cfg.format) from None
     print(f"wrote {output} (ONNX Runtime vs PyTorch: max abs diff {diff:.1e})")

@@ -286,25 +286,42 @@ def logged_metrics(model: L.LightningModule) -> list[str]:
     return names() if callable(names) else []
 
 
-def make_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None):
-    """The ``cfg.model`` module, told what the datamodule holds (``classes``, ``channels``,
-    ``image_size``, ``preprocess``) and the datamodule's own config, so the checkpoint names
-    its data; the optimizer and scheduler classes are looked up now, before any work."""
+def told_by(cfg: DictConfig, datamodule: L.LightningDataModule | None) -> dict:
+    """What the datamodule tells the module (``classes``, ``channels``, ``image_size``,
+    ``preprocess``, those it has) and the datamodule's own config (``_target_`` and its
+    arguments), so a checkpoint names its data."""
     told = {}
     if datamodule is not None:
         for key in ("classes", "channels", "image_size", "preprocess"):
             if hasattr(datamodule, key):
-                told[key] = getattr(datamodule, key)
+                told[key] = _plain(getattr(datamodule, key))
         target = cfg.data.get("_target_") if cfg.get("data") else None
         accepted = inspect.signature(type(datamodule)).parameters  # its own arguments only
         hparams = {k: v for k, v in datamodule.hparams.items() if k in accepted}
         told["datamodule"] = {"_target_": target, **_plain(hparams)}
-    target = get_object(cfg.model._target_) if "_target_" in cfg.model else None
-    if target is not None and not issubclass(target, Classifier):
-        params = inspect.signature(target).parameters  # a user's module: what it accepts
-        told = {k: v for k, v in told.items() if k in params}
-    model = hydra.utils.instantiate(cfg.model, _recursive_=False, **told)
+    return told
+
+
+def module_config(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> dict:
+    """The module's whole constructor call in plain types: ``cfg.model`` (its ``_target_`` and
+    arguments) and what the datamodule tells it, where its signature accepts it (ours accepts
+    all). ``hydra.utils.instantiate`` of it builds the module; checkpoints keep it."""
+    config = OmegaConf.to_container(cfg.model, resolve=True)
+    config.setdefault("_target_", f"{Classifier.__module__}.{Classifier.__qualname__}")
+    module = checked_target(config, L.LightningModule, "model")
+    told = told_by(cfg, datamodule)
+    if not issubclass(module, Classifier):  # a module of the user's: what it accepts
+        params = inspect.signature(module).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            told = {k: v for k, v in told.items() if k in params}
+    return {**config, **told, "_recursive_": False}
+
+
+def make_model(cfg: DictConfig, datamodule: L.LightningDataModule | None = None):
+    """The ``cfg.model`` module, built from ``module_config``; the optimizer and scheduler
+    classes are looked up now, before any work."""
+    model = hydra.utils.instantiate(module_config(cfg, datamodule))
     for part in ("optimizer", "scheduler"):
-        if cfg.model.get(part):
+        if isinstance(cfg.model.get(part), DictConfig) and "_target_" in cfg.model[part]:
             hydra.utils.get_method(cfg.model[part]._target_)
     return model

@@ -11,9 +11,7 @@ import logging
 import os
 import signal
 import sys
-import sysconfig
 import threading
-import traceback
 from pathlib import Path
 
 import hydra
@@ -21,23 +19,39 @@ import lightning as L
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 import mnist_cnn
-from mnist_cnn import CONFIG_DIR, ROOT, runinfo
-from mnist_cnn.callbacks import Diverged, GracefulStop, Interrupted, LastCheckpoint
+from mnist_cnn import CONFIG_DIR, runinfo
+from mnist_cnn.callbacks import (
+    Diverged,
+    FirstValidationCheck,
+    GracefulStop,
+    Interrupted,
+    LastCheckpoint,
+)
 from mnist_cnn.checkpoint import (
     CheckpointError,
+    Describe,
     check_continuation,
     check_weights,
     load_checkpoint,
 )
 from mnist_cnn.data import DataError
-from mnist_cnn.module import logged_metrics, make_model
-from mnist_cnn.validate import ConfigError, check, check_metrics, out_of_memory, run, task
+from mnist_cnn.module import logged_metrics, make_model, module_config, told_by
+from mnist_cnn.validate import (
+    ConfigError,
+    check,
+    check_metrics,
+    in_user_code,
+    out_of_memory,
+    run,
+    task,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +64,6 @@ def instantiate_group(group: DictConfig | None) -> list:
     ]
 
 
-def _in_user_code(error: BaseException) -> bool:
-    """Whether ``error`` was raised in a file outside the installed libraries and this package:
-    the user's own network, datamodule, callback or logger."""
-    library_dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
-    library_dirs.add(str(ROOT / "mnist_cnn"))
-    frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and not any(frames[-1].filename.startswith(d) for d in library_dirs)
-
-
 def build(group: str, make):
     """``make()``; an error raised while building the ``group`` config (a bad ``_target_``, an
     argument the class refuses, no GPU for trainer.accelerator=gpu) as a one-line
@@ -68,11 +73,9 @@ def build(group: str, make):
     except ConfigError:
         raise
     except Exception as e:  # Hydra wraps the class's own error, which names the problem
-        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
-        if isinstance(cause, ConfigError | DataError | CheckpointError):
-            raise cause from None
-        if _in_user_code(cause):
-            raise cause from None
+        cause = unwrap(e)
+        if isinstance(cause, ConfigError | DataError | CheckpointError) or in_user_code(cause):
+            raise cause from None  # the user's own bug keeps its traceback, file and line
         words = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise ConfigError(
             f"Cannot build {group} from the config: {words}. Fix the {group}.* override on the "
@@ -126,7 +129,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data))
     model = build("model", lambda: make_model(cfg, datamodule))
-    check_metrics(cfg, logged_metrics(model))
+    described = Describe(module_config(cfg, datamodule), told_by(cfg, datamodule))
+    late_check = _check_module(cfg, model)
     if state is not None:
         check_weights(model, state, ckpt_path)  # another model.net or optimizer stops here
     callbacks = build("callbacks", lambda: instantiate_group(cfg.get("callbacks")))
@@ -137,6 +141,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # resolved here, where Hydra's ${hydra:...} is known (not in ddp_spawn's processes)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks.append(runinfo.RunRecord(cfg.paths.output_dir, resolved, ckpt_path, resumed))
+    callbacks += [described, *late_check]
     loggers = build("logger", lambda: instantiate_group(cfg.get("logger")))
     trainer = build(
         "trainer",
@@ -176,6 +181,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("best checkpoint: %s", best)
     runinfo.unlock_run(cfg.paths.output_dir)  # complete: nothing more is written there
     return metrics
+
+
+def _check_module(cfg: DictConfig, model: L.LightningModule) -> list[L.Callback]:
+    """The contract a LightningModule meets for the tools (README, "Your own LightningModule"),
+    checked before the first batch: a ``test_step`` when the run tests, and the metrics the
+    config names (``callbacks.model_checkpoint.monitor``; in a sweep, ``optimized_metric``)
+    among those it logs. A module that lists them (``logged_metrics()``) is checked now;
+    another by its first validation (Lightning's sanity check), through the callback returned."""
+    name = type(model).__name__
+    if cfg.get("test") and not is_overridden("test_step", model):
+        raise ConfigError(
+            f"The module {name} has no test_step, which the test after fit and "
+            "python -m mnist_cnn.eval run: add one that logs test/loss (and test/<metric>) "
+            "with self.log, or pass test=false."
+        )
+    keys = ["callbacks.model_checkpoint.monitor", "tune.monitor"]
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        keys.append("optimized_metric")
+    if logged := logged_metrics(model):
+        check_metrics(cfg, logged)
+        return []
+    return [FirstValidationCheck(lambda names: check_metrics(cfg, names, keys, name))]
 
 
 def _switched_off(callback: L.Callback, trainer: DictConfig) -> bool:
@@ -256,7 +283,7 @@ def main(cfg: DictConfig) -> float | None:
         try:
             metrics = train(cfg)
         except OSError as e:  # ours to name only when the run's files cannot be written
-            if e.errno not in WRITE_ERRORS or _in_user_code(e):
+            if e.errno not in WRITE_ERRORS or in_user_code(e):
                 raise
             raise _storage_error(e, cfg) from None
         except Exception as e:

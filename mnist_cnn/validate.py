@@ -17,10 +17,17 @@ import functools
 import os
 import re
 import sys
+import sysconfig
+import traceback
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -164,19 +171,31 @@ def check(cfg: DictConfig) -> None:
         )
 
 
-def check_metrics(cfg: DictConfig, logged: list[str]) -> None:
-    """Raise ``ConfigError`` when a key that names a metric names one the module does not log
-    (``logged``: what it logs, e.g. ``val/acc``); a typo would otherwise fail after an epoch."""
-    keys = ("callbacks.model_checkpoint.monitor", "optimized_metric", "tune.monitor")
+METRIC_KEYS = ("callbacks.model_checkpoint.monitor", "optimized_metric", "tune.monitor")
+
+
+def check_metrics(cfg: DictConfig, logged: list[str], keys=METRIC_KEYS, module=None) -> None:
+    """Raise ``ConfigError`` when one of ``keys`` names a metric the module does not log
+    (``logged``: what it logs, e.g. ``val/acc``); a typo would otherwise fail after an epoch.
+    With ``module`` (its class name), ``logged`` is what its first validation logged, and only
+    ``val/`` names are checked."""
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value not in logged:
-            close = difflib.get_close_matches(str(value), logged, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
+        if value is None or value in logged or (module and not str(value).startswith("val/")):
+            continue
+        close = difflib.get_close_matches(str(value), logged, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        allowed = ", ".join(logged) or "none"
+        if module:
             raise ConfigError(
-                f"Invalid config: {key}={value} is not a metric the module logs: {hint}"
-                f"allowed: {', '.join(logged)}."
+                f"Invalid config: {key}={value} is not a metric the module {module} logged in "
+                f"its first validation (it logged: {allowed}). {hint}Log it with "
+                f"self.log('{value}', ...) in validation_step, or pass {key}=<one it logs>."
             )
+        raise ConfigError(
+            f"Invalid config: {key}={value} is not a metric the module logs: {hint}"
+            f"allowed: {allowed}."
+        )
 
 
 class ConfigCheck(Callback):
@@ -286,6 +305,23 @@ def out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error) if isinstance(error, RuntimeError) else ""
     return "DefaultCPUAllocator" in text and ("can't allocate" in text or "not enough" in text)
+
+
+def in_user_code(error: BaseException) -> bool:
+    """Whether ``error`` was raised in a file outside the installed libraries and this package:
+    the user's own module, network, datamodule, metric, callback or logger."""
+    library_dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
+    library_dirs.add(str(Path(__file__).parent))
+    frames = traceback.extract_tb(error.__traceback__)  # from where it was caught to the raise
+    return any(not f.filename.startswith(tuple(library_dirs)) for f in frames)
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The error inside Hydra's ``InstantiationException`` wrappers, however deeply nested (a
+    network built inside a module built by ``instantiate``)."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def _chain(error: BaseException):
