@@ -9,16 +9,22 @@ lives in ``outputs/tune/<study_name>/study.db`` (SQLite) with one dir per trial;
 there holds the best parameters and the ``python -m mnist_cnn.train ...`` command that
 reproduces the best trial. A trial stopped by Ctrl-C or SIGTERM, or cut off by a kill, runs again
 with its values on the next run, continuing from its ``last.ckpt`` in its own dir. Any number of
-workers (the same command, started anywhere that sees ``tune.dir``) share one study.
+workers share one study: the same command started anywhere that sees ``tune.dir``, or, on
+machines that share no file system, with ``tune.storage=postgresql+psycopg://...`` and each its
+own ``tune.dir``.
 """
 
 import copy
 import logging
+import os
 import shlex
 import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import hydra
@@ -31,8 +37,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
-from optuna.storages._heartbeat import get_heartbeat_thread  # study.optimize's
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 from mnist_cnn import runinfo
 from mnist_cnn.callbacks import Diverged, Interrupted
@@ -189,12 +195,7 @@ def open_study(cfg: DictConfig, space: dict) -> optuna.Study:
                 heartbeat_stale_trial_callback=Retry(),
             )
         except Exception as e:  # SQLAlchemy's: an unknown scheme, a missing driver or folder
-            why = str(e).splitlines()[0]
-            raise TuneError(
-                f"tune.storage={cfg.tune.storage} cannot be opened ({type(e).__name__}: {why}). "
-                "Use a database URL SQLAlchemy can open, e.g. sqlite:///outputs/tune/study.db "
-                "(the default is study.db in tune.dir)."
-            ) from None
+            raise unusable(cfg.tune.storage, e) from None
     pruner = _build("pruner", cfg.tune.pruner)
     study = optuna.create_study(
         study_name=cfg.tune.study_name,
@@ -228,11 +229,98 @@ def open_study(cfg: DictConfig, space: dict) -> optuna.Study:
     return study
 
 
-def study_lock(cfg: DictConfig) -> FileLock:
+def backend(storage: str) -> str | None:
+    """The database kind of a storage URL (``sqlite``, ``postgresql``), or None when unparsable."""
+    try:
+        return make_url(storage).get_backend_name()
+    except Exception:  # SQLAlchemy's ArgumentError and friends: named when the study opens
+        return None
+
+
+def unusable(storage: str, e: Exception) -> TuneError:
+    """The line for a ``tune.storage`` that cannot be opened, with the fix for its kind."""
+    why = str(e).splitlines()[0] if str(e) else ""
+    kind = backend(storage)
+    if kind not in ("postgresql", "mysql", "mariadb", "oracle", "mssql"):  # a file, or unknown
+        fix = (
+            "Use a database URL SQLAlchemy can open, e.g. sqlite:///outputs/tune/study.db "
+            "(the default is study.db in tune.dir)."
+        )
+    else:
+        extra = " (pip install 'mnist_cnn[postgres]')" if kind == "postgresql" else ""
+        fix = (
+            f"Use a {kind} server this machine reaches, a database that exists and its driver"
+            f"{extra}, e.g. postgresql+psycopg://user:password@host:5432/optuna."
+        )
+    return TuneError(f"tune.storage={storage} cannot be opened ({type(e).__name__}: {why}). {fix}")
+
+
+class ServerLock:
+    """PostgreSQL's advisory lock, the ``study.lock`` of workers that share no file system: the
+    server releases it when the worker's connection ends, ``kill -9`` included."""
+
+    KEY = zlib.crc32(b"mnist_cnn.tune")  # one per database: it also guards table creation
+
+    def __init__(self, storage: str):
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        self.storage, self.conn = storage, None
+        try:
+            self.engine = sqlalchemy.create_engine(storage, poolclass=NullPool)
+        except Exception as e:  # e.g. the driver is not installed
+            raise unusable(storage, e) from None
+        self.sql = sqlalchemy.text("SELECT pg_advisory_lock(:key)")
+
+    def __enter__(self) -> "ServerLock":
+        try:
+            self.conn = self.engine.connect()
+            self.conn.execute(self.sql, {"key": self.KEY})
+        except Exception as e:  # the server is down, unreachable or refuses us
+            if self.conn is not None:
+                self.conn.close()
+            raise unusable(self.storage, e) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.conn.close()  # its session ends, and with it the lock
+        self.conn = None
+
+
+def study_lock(cfg: DictConfig) -> AbstractContextManager:
     """Held while a worker opens the study, fails stale trials and takes its next trial, so
-    that workers started together do not race (SQLite has no row locks)."""
+    that workers started together do not race: a file lock in ``tune.dir`` for SQLite (no row
+    locks), PostgreSQL's advisory lock for a PostgreSQL server."""
     Path(cfg.tune.dir).mkdir(parents=True, exist_ok=True)
-    return FileLock(Path(cfg.tune.dir) / "study.lock")
+    kind = backend(cfg.tune.storage)
+    if kind == "postgresql":
+        return ServerLock(cfg.tune.storage)
+    if kind in (None, "sqlite"):
+        return FileLock(Path(cfg.tune.dir) / "study.lock")
+    return nullcontext()  # other servers: their own transactions
+
+
+@contextmanager
+def heartbeat(trial: optuna.Trial) -> Iterator[None]:
+    """Record ``trial``'s heartbeat every ``tune.heartbeat_interval`` seconds while it runs, as
+    ``study.optimize`` does; Optuna has no public thread for a loop of one's own."""
+    storage, done = trial.storage, threading.Event()
+    interval = storage.get_heartbeat_interval()
+
+    def beat() -> None:
+        while not done.wait(interval):
+            try:
+                storage.record_heartbeat(trial._trial_id)
+            except Exception as e:  # the database is unreachable for a while: try again
+                log.warning("trial %d: heartbeat not recorded (%s)", trial.number, e)
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def reseed(study: optuna.Study, cfg: DictConfig) -> None:
@@ -420,7 +508,7 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             # beating from now: a trial that never beat would never go stale
             trial.storage.record_heartbeat(trial._trial_id)
         value, state = None, TrialState.FAIL
-        with get_heartbeat_thread(trial._trial_id, trial.storage):
+        with heartbeat(trial):
             try:
                 value, state = objective(trial), TrialState.COMPLETE
             except optuna.TrialPruned:
@@ -475,7 +563,9 @@ def save_best(study: optuna.Study, cfg: DictConfig, overrides: Sequence[str]) ->
         "command": train_command(overrides, params),
     }
     path = Path(cfg.tune.dir) / "best.yaml"
-    path.write_text(yaml.safe_dump(result, sort_keys=False))
+    tmp = path.with_name(f".best.yaml.{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(result, sort_keys=False))
+    tmp.replace(path)  # whole, for a reader in the same tune.dir
     log.info(
         "best of %d trials: #%d %s=%.4f %s\nreproduce it with:\n%s\n(saved in %s)",
         sum(counts[s.name.lower()] for s in FINISHED),

@@ -81,3 +81,62 @@ def full_epoch(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("epoch")
     limits = [f"trainer.{k}_batches=null" for k in ("limit_train", "limit_val", "limit_test")]
     return out, train(tiny_cfg(out, data_dir, "trainer.max_epochs=1", *limits))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's server, run as the ``postgres``
+    user when we are root), removed afterwards: ``postgres(name)`` creates database ``name`` and
+    returns its ``postgresql+psycopg://`` URL."""
+    import glob
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [shutil.which("pg_ctl")]
+    need(found[-1] is not None, "no PostgreSQL server: apt-get install postgresql")
+    bin_dir = Path(found[-1]).parent
+    psycopg = import_or_skip("psycopg", "pip install -e '.[postgres]'")
+    as_user: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="mnist_pg_"))
+    if os.geteuid() == 0:  # the server refuses to run as root
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            need(False, "no postgres user to run the server as: apt-get install postgresql")
+        shutil.chown(base, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data, log = base / "data", base / "server.log"
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off"
+    pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+    root = f"postgresql://postgres@127.0.0.1:{port}"
+
+    def database(name: str) -> str:
+        with psycopg.connect(f"{root}/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}"
+
+    try:
+        yield database
+    finally:
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=120,
+        )
+        shutil.rmtree(base, ignore_errors=True)
