@@ -63,12 +63,14 @@ def _open_file(path: Path) -> io.BufferedReader:
     return os.fdopen(fd, "rb")
 
 
-def _too_large(name: str, pixels: int | None) -> ImageTooLarge:
+def _too_large(name: str, pixels: int | None, max_pixels: int | None = None) -> ImageTooLarge:
     size = f"{pixels:,} pixels" if pixels else "its size"
+    limit = f"Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
+    if max_pixels and (not Image.MAX_IMAGE_PIXELS or max_pixels < Image.MAX_IMAGE_PIXELS):
+        limit = f"max_pixels={max_pixels:,}"
     return ImageTooLarge(
         name,
-        f"{size} is more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
-        "(PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb or an over-large image; "
+        f"{size} is more than {limit}: a decompression bomb or an over-large image; "
         "scale it down to a few megapixels",
     )
 
@@ -77,16 +79,17 @@ def _normalize(image: Image.Image) -> Image.Image:
     """``image`` as 8-bit "L" (grey) or "RGB": 16-bit and float scaled (not clipped), alpha and
     palette transparency flattened onto white."""
     if image.mode.startswith("I") or image.mode == "F":
-        a = np.asarray(image, dtype=np.float64)
+        a = np.array(image, dtype=np.float32)  # changed in place below: one copy in memory
         if image.mode.startswith("I;16") or (image.mode == "I" and a.max(initial=0) > 255):
-            a = a / 257  # 16-bit (PNG, TIFF): 65535 -> 255
+            a /= 257  # 16-bit (PNG, TIFF): 65535 -> 255
         elif image.mode == "F" and a.max(initial=0) <= 1:
-            a = a * 255  # float images in [0, 1]
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+            a *= 255  # float images in [0, 1]
+        return Image.fromarray(np.clip(np.rint(a, out=a), 0, 255, out=a).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         grey = image.mode in ("LA", "La", "L")
         white = Image.new("RGBA", image.size, "white")
-        flat = Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        flat = Image.alpha_composite(white, rgba).convert("RGB")
         return flat.convert("L") if grey else flat
     if image.mode in ("L", "RGB"):
         return image
@@ -95,11 +98,14 @@ def _normalize(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
 
 
-def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+def open_image(
+    source: str | Path | bytes, name: str | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """The decoded image in mode "L" or "RGB", upright (EXIF orientation applied), 16-bit
     scaled to 8, alpha flattened onto white. ``ImageError`` (a ``ValueError``) names ``source``
     (or ``name``) when it is missing, not a regular file (a FIFO, device, socket or folder is
-    refused without blocking), not an image, truncated, or over Pillow's pixel limit."""
+    refused without blocking), not an image, truncated, or over Pillow's pixel limit or
+    ``max_pixels`` (``ImageTooLarge``, read from the header: nothing is decoded)."""
     if isinstance(source, bytes | bytearray | memoryview):
         name = name or "the image"
         if not source:
@@ -114,8 +120,10 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
         try:
             with Image.open(file) as image:
                 # the check again, as catch_warnings is not thread-safe (serve decodes in threads)
-                if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                    raise _too_large(name, image.width * image.height)
+                pixels = image.width * image.height
+                limits = [n for n in (Image.MAX_IMAGE_PIXELS, max_pixels) if n]
+                if limits and pixels > min(limits):
+                    raise _too_large(name, pixels, max_pixels)
                 image.load()  # decode now: a truncated file fails here
                 try:
                     upright = ImageOps.exif_transpose(image)
@@ -136,14 +144,15 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
 def _mnist_style(image: Image.Image, image_size: int, ink: float) -> torch.Tensor:
     """(image_size, image_size) in [0, 1]: light ink on black, cropped to the ink, fitted into
     20/28 of the box keeping the aspect ratio, its centre of mass in the middle (as MNIST)."""
-    x = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255)
+    # one float copy of the image, changed in place (a large upload stays a few bytes a pixel)
+    x = torch.from_numpy(np.array(image.convert("L"), dtype=np.float32)).div_(255)
     border = torch.cat([x[0], x[-1], x[:, 0], x[:, -1]])
     if border.median() > 0.5:  # dark ink on a light background
-        x, border = 1 - x, 1 - border
-    x = (x - border.median()).clamp(min=0)
+        x, border = x.neg_().add_(1), 1 - border
+    x = x.sub_(border.median()).clamp_(min=0)
     if x.max() <= 0:
         raise ImageError("the image", "no digit found: the image is blank")
-    x = x / x.max()  # the background at 0, the strongest ink at 1
+    x = x.div_(x.max())  # the background at 0, the strongest ink at 1
     rows, cols = (x > ink).any(1).nonzero(), (x > ink).any(0).nonzero()
     x = x[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     h, w = x.shape

@@ -27,6 +27,9 @@ from mnist_cnn.callbacks import EpochSummary
 
 log = logging.getLogger(__name__)
 
+NAMED_CLASSES = 30  # up to this many classes, the confusion matrix has numbers and names
+MAX_CLASSES = 1000  # more: no confusion matrix (it would be a pixel or less per class)
+
 
 def _names(pl_module) -> list[str]:
     """What the module logs (``Classifier.logged_metrics``), else what it has logged so far."""
@@ -87,11 +90,21 @@ def prediction_grid(images: torch.Tensor, labels, preds, classes=None) -> Figure
 
 
 def confusion_matrix(metric: MulticlassConfusionMatrix, classes=None) -> Figure:
-    """torchmetrics' plot of a computed confusion matrix: true label by row, predicted by column."""
+    """torchmetrics' plot of a computed confusion matrix: true label by row, predicted by column.
+    Over ``NAMED_CLASSES`` classes, the counts as colours by class index, without the numbers
+    and names that would not fit (torchmetrics writes one text per cell)."""
     fig = _figure(figsize=(7, 6), layout="constrained")
-    labels = list(classes) if classes else [str(i) for i in range(metric.num_classes)]
-    metric.plot(ax=fig.subplots(), labels=labels)
-    fig.axes[0].set_title("Confusion matrix (test set)")
+    n = metric.num_classes
+    if n <= NAMED_CLASSES:
+        labels = list(classes) if classes else [str(i) for i in range(n)]
+        metric.plot(ax=fig.subplots(), labels=labels)
+        fig.axes[0].set_title("Confusion matrix (test set)")
+        return fig
+    ax = fig.subplots()
+    shown = ax.imshow(metric.compute().cpu().numpy(), cmap="viridis", interpolation="nearest")
+    fig.colorbar(shown, ax=ax, label="images")
+    ax.set(xlabel="predicted class (index)", ylabel="true class (index)")
+    ax.set_title(f"Confusion matrix (test set, {n} classes)")
     return fig
 
 
@@ -160,22 +173,38 @@ class Figures(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         x, y = batch
         preds = self._logits.argmax(-1)  # from the forward pass test_step just made
-        if self._confmat is None:
-            width = self._logits.shape[-1]
+        width = self._logits.shape[-1]
+        if self._confmat is None and width <= MAX_CLASSES:
             self._confmat = MulticlassConfusionMatrix(num_classes=width).to(pl_module.device)
-        self._confmat.update(preds, y)
+        if self._confmat is not None:
+            self._confmat.update(preds, y)
         if not self._sample:
-            self._sample = [x[:12].cpu().float(), y[:12].cpu(), preds[:12].cpu()]
+            self._sample = [x[:12].cpu().float(), y[:12].cpu(), preds[:12].cpu(), width]
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._hook.remove()
-        if self._confmat is None:  # no test batch
-            return
-        self._confmat.compute()  # syncs across processes; every rank takes part
-        if trainer.is_global_zero and self._sample:
-            grid = prediction_grid(*self._sample, classes=self._classes)
-            self._emit(trainer, "predictions", grid)
-            self._emit(trainer, "confusion_matrix", confusion_matrix(self._confmat, self._classes))
+        if self._confmat is not None:
+            self._confmat.compute()  # syncs across processes; every rank takes part
+        if trainer.is_global_zero and self._sample:  # none: no test batch
+            *sample, width = self._sample
+            self._emit(trainer, "predictions", prediction_grid(*sample, classes=self._classes))
+            if self._confmat is None:
+                log.info(
+                    "figures/confusion_matrix.png is not drawn: %d classes, more than the %d "
+                    "it can show",
+                    width,
+                    MAX_CLASSES,
+                )
+            else:
+                if width > NAMED_CLASSES:
+                    log.info(
+                        "figures/confusion_matrix.png: %d classes, drawn without the counts and "
+                        "class names (over %d, they would not fit)",
+                        width,
+                        NAMED_CLASSES,
+                    )
+                figure = confusion_matrix(self._confmat, self._classes)
+                self._emit(trainer, "confusion_matrix", figure)
 
 
 class LRMonitor(LearningRateMonitor):

@@ -6,8 +6,9 @@ from conftest import tiny_cfg
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
+from torchmetrics.classification import MulticlassConfusionMatrix
 
-from mnist_cnn.plots import prediction_grid
+from mnist_cnn.plots import confusion_matrix, prediction_grid
 from mnist_cnn.train import train
 
 FIGURES = ("learning_curves", "predictions", "confusion_matrix")
@@ -78,3 +79,14 @@ def test_prediction_grid_marks_the_wrong_predictions():
     assert titles[3] == ("0 (true 3)", "r") and titles[7] == ("0 (true 7)", "r")
     assert titles[4] == ("4", "k")
     assert sum(color == "r" for _, color in titles) == 2
+
+
+@pytest.mark.parametrize("classes, texts", [(10, 100), (300, 0)])
+def test_the_confusion_matrix_of_many_classes_is_drawn_without_a_text_per_cell(classes, texts):
+    metric = MulticlassConfusionMatrix(num_classes=classes)
+    metric.update(torch.arange(600) % classes, torch.arange(600) % classes)
+    fig = confusion_matrix(metric, [f"class {i}" for i in range(classes)])
+    (ax, *_) = fig.axes
+    assert len(ax.texts) == texts  # torchmetrics' plot: one per cell, the reduced form: none
+    assert f"{classes} classes" in ax.get_title() or classes <= 30
+    fig.canvas.draw()
