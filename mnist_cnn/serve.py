@@ -11,7 +11,9 @@ A request's image is read and prepared exactly as ``python -m mnist_cnn.predict`
 (``images.open_image``, ``images.prepare`` with the checkpoint's ``images.spec``), in the HTTP
 server's threads; the model then runs on batches of requests (``max_batch_size``,
 ``batch_timeout``) in LitServe's inference worker. A body that is empty, too large, not an image
-or over Pillow's pixel limit is answered 4xx ``{"detail": "..."}``, and serving goes on.
+or over ``max_pixels`` is answered 4xx ``{"detail": "..."}``, and serving goes on. The HTTP
+server holds at most ``max_connections``, each given ``request_timeout`` seconds to send its
+request; SIGTERM finishes the requests in progress (up to ``grace_period`` seconds), then stops.
 """
 
 import base64
@@ -19,6 +21,7 @@ import binascii
 import importlib.resources
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -26,6 +29,7 @@ import sys
 import threading
 from typing import Annotated
 
+import anyio
 import hydra
 import litserve as ls
 import numpy as np
@@ -33,7 +37,8 @@ import torch
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from omegaconf import DictConfig
-from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mnist_cnn.checkpoint import CheckpointError, load_model
 from mnist_cnn.images import ImageError, ImageTooLarge, class_names, open_image, prepare, spec
@@ -41,6 +46,7 @@ from mnist_cnn.validate import ConfigError, run, task
 
 log = logging.getLogger(__name__)
 MAIN_PID = os.getpid()
+DECODERS = 4  # images decoded at once in an HTTP server (each holds up to max_pixels)
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe listens on
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -58,10 +64,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     if int(request.headers.get("content-length") or 0) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # gone, or closed for being too slow: there is no one to answer
+        raise HTTPException(
+            400, "the client closed the connection before its body was sent"
+        ) from None
     return bytes(body)
 
 
@@ -76,6 +87,8 @@ def image_bytes(body: bytes, content_type: str) -> bytes:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPException(400, f"the body is not valid JSON ({e}): {SEND}") from None
+    except RecursionError:  # json's parser recurses once per [ or {
+        raise HTTPException(400, f"the JSON is nested too deeply: {SEND}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("image"), str):
         raise HTTPException(400, f'the JSON has no "image" string: {SEND}')
     try:
@@ -92,14 +105,76 @@ async def prepared_image(request: Request) -> np.ndarray:
     data = image_bytes(body, request.headers.get("content-type", ""))
 
     def decode() -> np.ndarray:
-        return prepare(open_image(data, name="the image sent"), **state.spec).numpy()
+        image = open_image(data, name="the image sent", max_pixels=state.max_pixels)
+        return prepare(image, **state.spec).numpy()
 
+    if not hasattr(state, "decoders"):  # made in the server's event loop, as anyio needs
+        state.decoders = anyio.CapacityLimiter(DECODERS)
     try:
-        return await run_in_threadpool(decode)
+        return await anyio.to_thread.run_sync(decode, limiter=state.decoders)
     except ImageTooLarge as e:
         raise HTTPException(413, str(e)) from None
     except ImageError as e:
         raise HTTPException(400, f"{e}. Send a digit image: {SEND}") from None
+
+
+def bounded_http(max_connections: int, request_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with the two bounds uvicorn has no setting for (its
+    ``limit_concurrency`` answers 503 only once a request's headers have arrived and never
+    closes a connection, so clients that send slowly could hold every connection).
+
+    - A client has ``request_timeout`` seconds from connecting, or from its previous answer, to
+      send its whole request (headers and body); then the connection is closed.
+    - At ``max_connections`` open connections, a new one closes the connection that has waited
+      longest for its request (a slow or idle client); when every connection has a request in
+      progress, the new one is closed instead.
+    """
+
+    class BoundedH11(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.waiting_since: float | None = None
+            self.timer = None
+            open_ = [c for c in self.connections if not c.transport.is_closing()]
+            if len(open_) > max_connections:
+                waiting = [c for c in open_ if getattr(c, "waiting_since", None) is not None]
+                if not waiting:
+                    transport.close()
+                    return
+                min(waiting, key=lambda c: c.waiting_since).transport.close()
+            self._wait()
+
+        def _wait(self) -> None:
+            """Wait for a request, for at most request_timeout seconds."""
+            self._received()
+            self.waiting_since = self.loop.time()
+            self.timer = self.loop.call_later(request_timeout, self._too_slow)
+
+        def _received(self) -> None:
+            self.waiting_since = None
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+        def _too_slow(self) -> None:
+            if self.waiting_since is not None and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.more_body:  # the request is all in
+                self._received()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._wait()  # the next request on this keep-alive connection
+
+        def connection_lost(self, exc) -> None:
+            self._received()
+            super().connection_lost(exc)
+
+    return BoundedH11
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -173,9 +248,15 @@ def check(cfg: DictConfig) -> None:
     whole("max_batch_size", 1)
     whole("workers", 1)
     whole("max_bytes", 1)
-    for key in ("batch_timeout", "timeout"):
-        if not isinstance(cfg.get(key), int | float) or cfg.get(key) < 0:
-            raise ConfigError(f"{key}={cfg.get(key)!r}: seconds, 0 or more, are needed")
+    whole("max_pixels", 1)
+    whole("max_connections", 1)
+    whole("max_header_bytes", 1024)
+    for key in ("batch_timeout", "timeout", "keep_alive", "grace_period", "request_timeout"):
+        value = cfg.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{key}={value!r}: seconds, 0 or more, are needed")
+    if cfg.request_timeout == 0:
+        raise ConfigError("request_timeout=0: a client needs some seconds to send its request")
     if cfg.batch_timeout >= cfg.timeout:
         raise ConfigError(
             f"batch_timeout={cfg.batch_timeout} must be less than timeout={cfg.timeout}"
@@ -220,6 +301,9 @@ def build(cfg: DictConfig) -> ls.LitServer:
         model_metadata={"checkpoint": str(cfg.ckpt_path), "classes": names, **how},
     )
     server.app.state.spec, server.app.state.max_bytes = how, cfg.max_bytes
+    server.app.state.max_pixels = cfg.max_pixels
+    # LitServe passes this to uvicorn's timeout_graceful_shutdown and waits as long itself
+    server.uvicorn_graceful_timeout = cfg.grace_period
     # the page replaces LitServe's "litserve running" at /
     server.app.router.routes = [
         r for r in server.app.router.routes if getattr(r, "path", "") != "/"
@@ -228,12 +312,34 @@ def build(cfg: DictConfig) -> ls.LitServer:
     return server
 
 
-def stop(signum, frame) -> None:
-    """SIGTERM: in this process as Ctrl-C; in LitServe's forked HTTP servers, as by default."""
-    if os.getpid() == MAIN_PID:
+def drain(grace_period: float):
+    """The SIGTERM handler: LitServe's HTTP servers stop taking connections and finish the
+    requests in progress (uvicorn's graceful shutdown, at most ``grace_period`` seconds) while
+    the model still runs; then everything stops as on Ctrl-C. A second SIGTERM stops at once.
+    In LitServe's forked HTTP servers, before uvicorn takes the signal over: as by default."""
+    draining = []
+
+    def stop(signum, frame) -> None:
+        if os.getpid() != MAIN_PID:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if draining:
+            raise KeyboardInterrupt
+        draining.append(signum)
+        # LitServe shuts its queues first on Ctrl-C: the HTTP servers must be done before
+        servers = [p for p in multiprocessing.active_children() if p.name.startswith("LitServer")]
+        log.info(
+            "SIGTERM: finishing the requests in progress (at most grace_period=%gs), then stopping",
+            grace_period,
+        )
+        for server in servers:
+            os.kill(server.pid, signal.SIGTERM)
+        for server in servers:
+            server.join(grace_period + 5)
         raise KeyboardInterrupt
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+
+    return stop
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
@@ -244,13 +350,17 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    signal.signal(signal.SIGTERM, stop)  # as Ctrl-C: LitServe stops its workers and servers
+    signal.signal(signal.SIGTERM, drain(cfg.grace_period))
     log.info("the drawing page: http://%s:%s/", cfg.host, cfg.port)
     server.run(
         host=cfg.host,
         port=cfg.port,
         log_level=cfg.log_level,
         generate_client_file=False,
+        # uvicorn's own settings, and our bounds on connections (bounded_http)
+        http=bounded_http(cfg.max_connections, cfg.request_timeout),
+        h11_max_incomplete_event_size=cfg.max_header_bytes,
+        timeout_keep_alive=cfg.keep_alive,
     )
 
 

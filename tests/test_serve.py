@@ -3,6 +3,7 @@ answers compared with python -m mnist_cnn.predict's for the same files."""
 
 import base64
 import contextlib
+import io
 import json
 import os
 import signal
@@ -29,6 +30,9 @@ pytestmark = pytest.mark.slow
 import_or_skip("litserve", "the serve extra: pip install -e '.[serve]'")
 
 MAX_BYTES = 1_000_000  # the server's max_bytes in these tests
+MAX_PIXELS = 1_000_000  # its max_pixels
+MAX_CONNECTIONS = 50  # its max_connections (the concurrency test opens 36)
+REQUEST_TIMEOUT = 5  # its request_timeout
 
 
 def free_port() -> int:
@@ -94,17 +98,7 @@ def serving(ckpt: Path, cwd: Path, *overrides: str):
     log = cwd / "serve.log"
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, f"the server exited {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no answer on /health:\n{log.read_text()}"
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(url + "/health", timeout=5) as response,
-            ):
-                if response.read() == b"ok":
-                    break
-            time.sleep(0.5)
+        wait_healthy(proc, url, log)
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -118,6 +112,21 @@ def serving(ckpt: Path, cwd: Path, *overrides: str):
         proc.wait()
     assert stopped and not leftovers, f"SIGTERM left processes running:\n{log.read_text()[-3000:]}"
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
+    """Until the server at ``url`` answers /health with ok (its workers are ready)."""
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None, f"the server exited {proc.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no answer on /health:\n{log.read_text()}"
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url + "/health", timeout=5) as response,
+        ):
+            if response.read() == b"ok":
+                return
+        time.sleep(0.5)
 
 
 def group_alive(pgid: int) -> bool:
@@ -181,7 +190,9 @@ def digits(ckpt, data_dir, tmp_path_factory):
 def server(ckpt, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("serve")
     # on the CPU, as predict: the answers must match to 1e-3 (test_page.py serves with auto)
-    with serving(ckpt, cwd, f"max_bytes={MAX_BYTES}", "accelerator=cpu") as url:
+    limits = [f"max_bytes={MAX_BYTES}", f"max_pixels={MAX_PIXELS}"]
+    limits += [f"max_connections={MAX_CONNECTIONS}", f"request_timeout={REQUEST_TIMEOUT}"]
+    with serving(ckpt, cwd, *limits, "accelerator=cpu") as url:
         yield url
     assert list(cwd.iterdir()) == [cwd / "serve.log"]  # serving writes nothing (no client.py)
 
@@ -273,6 +284,7 @@ def test_bad_settings_and_checkpoints_are_one_line_and_exit_2(ckpt, tmp_path):
             ([f"ckpt_path={ckpt}", f"port={port}"], f"port={port}: cannot listen on 127.0.0.1"),
             ([f"ckpt_path={ckpt}", "host=example.com"], "host='example.com'"),
             ([f"ckpt_path={ckpt}", "max_batch_size=0"], "max_batch_size=0: a whole number"),
+            ([f"ckpt_path={ckpt}", "max_connections=0"], "max_connections=0: a whole number"),
             ([f"ckpt_path={ckpt}", "accelerator=tpu"], "accelerator='tpu': use one of auto"),
         ]
         if not torch.cuda.is_available():
@@ -283,3 +295,83 @@ def test_bad_settings_and_checkpoints_are_one_line_and_exit_2(ckpt, tmp_path):
             assert proc.returncode == 2, proc.stderr[-3000:]
             assert len(lines) == 1 and words in lines[0], (words, proc.stderr)
     assert sorted(tmp_path.iterdir()) == [bogus]
+
+
+def digit_png(mnist_digit: np.ndarray, side: int, height: int | None = None) -> bytes:
+    """An MNIST digit drawn on a ``side`` x ``height`` canvas, as PNG bytes."""
+    image = Image.fromarray(255 - mnist_digit).resize((side, height or side))
+    with io.BytesIO() as out:
+        image.save(out, "PNG")
+        return out.getvalue()
+
+
+def test_an_image_over_max_pixels_is_413_before_it_is_decoded(server, data_dir):
+    digit = MNIST(str(data_dir), train=False).data[0].numpy()  # a 7
+    status, answer = post(server, digit_png(digit, 1000))  # 1,000,000 pixels: at the limit
+    assert status == 200 and answer["class"] == "7", answer
+    status, answer = post(server, digit_png(digit, 1000, 1001))
+    assert status == 413 and f"1,001,000 pixels is more than max_pixels={MAX_PIXELS:,}" in str(
+        answer
+    )
+
+
+def test_json_nested_100000_deep_is_a_400(server, digits):
+    status, answer = post(server, b"[" * 100_000, "application/json")
+    assert status == 400 and "nested too deeply" in answer["detail"], answer
+    path, expected = next(iter(digits.items()))
+    check_answer(*post(server, path.read_bytes()), expected)  # still serving; no traceback
+
+
+def partial_request(port: int) -> socket.socket:
+    """A connection that sends part of its headers and then nothing (a slow client)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=120)
+    s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n")
+    return s
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""  # blocks until the server answers or closes (hang guard: 120 s)
+    except ConnectionResetError:
+        return True
+
+
+def test_slow_clients_cannot_starve_good_ones(server, digits):
+    port = int(server.rsplit(":", 1)[1])
+    slow = [partial_request(port) for _ in range(5 * MAX_CONNECTIONS)]  # as a slowloris
+    try:
+        for path, expected in list(digits.items())[:3]:  # answered at once: the oldest make room
+            check_answer(*post(server, path.read_bytes()), expected)
+        assert sum(closed_by_server(s) for s in slow[: 4 * MAX_CONNECTIONS]) == 4 * MAX_CONNECTIONS
+        # the newest slow ones kept their places, then request_timeout closes them too
+        assert all(closed_by_server(s) for s in slow[4 * MAX_CONNECTIONS :])
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_sigterm_finishes_the_requests_in_progress(ckpt, digits, tmp_path):
+    proc, port = start_server(ckpt, tmp_path, "accelerator=cpu", "grace_period=60")
+    log = tmp_path / "serve.log"
+    path, expected = next(iter(digits.items()))
+    png = path.read_bytes()
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", log)
+        check_answer(*post(f"http://127.0.0.1:{port}", png), expected)
+        s = socket.create_connection(("127.0.0.1", port), timeout=120)
+        head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(png)}\r\n\r\n"
+        s.sendall(head.encode() + png[:20])  # a request in progress
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while "Shutting down" not in log.read_text():  # uvicorn stops taking connections
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        s.sendall(png[20:])
+        with s, s.makefile("rb") as answer:
+            assert answer.readline().startswith(b"HTTP/1.1 200"), log.read_text()[-3000:]
+        assert proc.wait(timeout=120) is not None and not group_alive(proc.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
