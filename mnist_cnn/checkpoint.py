@@ -159,7 +159,7 @@ def check_weights(model: Classifier, state: dict, path) -> None:
         ) from None
 
 
-def _hparams_problem(hp: dict, module: dict) -> str | None:
+def _hparams_problem(hp: dict, module: dict, path) -> str | None:
     """What is wrong with a checkpoint's description of its module, data and network, before
     any of it is built (a crafted file must not make us allocate or import anything it likes)."""
     classes, channels, size = hp.get("classes"), hp.get("channels", 1), hp.get("image_size", 28)
@@ -181,7 +181,13 @@ def _hparams_problem(hp: dict, module: dict) -> str | None:
         if config is not None:
             try:
                 checked_target(config, base, key)
-            except (ImportError, ValueError, TypeError, AttributeError) as e:
+            except ImportError as e:  # the user's own code, not found from here
+                raise CheckpointError(
+                    f"Cannot use checkpoint {path}: its {key} {config.get('_target_')} cannot be "
+                    f"imported ({e}). Run from the folder that holds your code (where the run "
+                    "started: its run_info.yaml says), or add that folder to PYTHONPATH."
+                ) from None
+            except (ValueError, TypeError, AttributeError) as e:
                 return f"its {key} cannot be used ({e})"
     return None
 
@@ -195,7 +201,7 @@ def load_model(path: str | Path, map_location="cpu") -> L.LightningModule:
     traceback."""
     state = load_checkpoint(path, map_location)
     module, data = module_of(state), describe(state)
-    if problem := _hparams_problem(data, module):
+    if problem := _hparams_problem(data, module, path):
         raise _fail(path, problem)
     name = module["_target_"].rpartition(".")[2]
     try:

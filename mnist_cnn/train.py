@@ -9,6 +9,8 @@ python -m mnist_cnn.train resume=true                      # continue the newest
 import errno
 import logging
 import os
+import re
+import shlex
 import signal
 import sys
 import threading
@@ -19,6 +21,7 @@ import lightning as L
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -46,6 +49,7 @@ from mnist_cnn.validate import (
     ConfigError,
     check,
     check_metrics,
+    hydra_flags,
     in_user_code,
     out_of_memory,
     run,
@@ -64,7 +68,7 @@ def instantiate_group(group: DictConfig | None) -> list:
     ]
 
 
-def build(group: str, make):
+def build(group: str, make, cfg: DictConfig | None = None):
     """``make()``; an error raised while building the ``group`` config (a bad ``_target_``, an
     argument the class refuses, no GPU for trainer.accelerator=gpu) as a one-line
     ``ConfigError``. An error raised inside the user's own code keeps its traceback."""
@@ -76,11 +80,49 @@ def build(group: str, make):
         cause = unwrap(e)
         if isinstance(cause, ConfigError | DataError | CheckpointError) or in_user_code(cause):
             raise cause from None  # the user's own bug keeps its traceback, file and line
-        words = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise ConfigError(
-            f"Cannot build {group} from the config: {words}. Fix the {group}.* override on the "
-            f"command line or in conf/{group}/ (python -m mnist_cnn.train --cfg job shows them)."
-        ) from None
+        targets = [  # the instantiations it went through, outermost first
+            m[1] for x in _chain(e) if (m := re.match(r"Error in call to target '([^']+)'", str(x)))
+        ]
+        words = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+        fix = (
+            f"Fix the {group}.* override on the command line or in conf/{group}/ "
+            "(python -m mnist_cnn.train --cfg job shows them)."
+        )
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", words)
+        if targets and unexpected and cfg is not None:
+            fix = _unexpected_key(cfg.get(group), group, targets[-1], unexpected[1]) or fix
+        where = f" (in {targets[-1]})" if targets else ""
+        raise ConfigError(f"Cannot build {group} from the config: {words}{where}. {fix}") from None
+
+
+def _chain(error: BaseException):
+    while isinstance(error, InstantiationException):
+        yield error
+        error = error.__cause__
+
+
+def _unexpected_key(node, path: str, target: str, key: str) -> str | None:
+    """Where ``key``, refused by ``target``, sits in the config, and how to drop it or replace
+    its whole node (Hydra merges ``node={...}`` into the keys already there)."""
+    if not isinstance(node, DictConfig):
+        return None
+    if key in node and "_target_" in node:
+        try:
+            same = hydra.utils.get_object(node._target_) is hydra.utils.get_object(target)
+        except Exception:  # a _target_ that does not import is another error
+            same = False
+        if same:
+            group = path.replace(".", "/")
+            return (
+                f"{path}.{key} is not one of its arguments: remove it with ~{path}.{key}. To "
+                f"replace the whole node, write ~{path} '+{path}={{...}}' (Hydra merges "
+                f"{path}={{...}} into the keys already there), or save it as "
+                f"conf/{group}/<name>.yaml and pick it with {group}=<name>."
+            )
+    for child, value in node.items():
+        if hint := _unexpected_key(value, f"{path}.{child}", target, key):
+            return hint
+    return None
 
 
 def _step_aside(cfg: DictConfig) -> None:
@@ -127,8 +169,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data))
-    model = build("model", lambda: make_model(cfg, datamodule))
+    datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data), cfg)
+    model = build("model", lambda: make_model(cfg, datamodule), cfg)
     described = Describe(module_config(cfg, datamodule), told_by(cfg, datamodule))
     late_check = _check_module(cfg, model)
     if state is not None:
@@ -297,10 +339,12 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except Interrupted as e:
         if e.checkpoint:
+            again = shlex.join(["python", "-m", "mnist_cnn.train", *hydra_flags("train")])
             log.warning(
-                "%s Resume with: python -m mnist_cnn.train resume=%s (or resume=true for the "
-                "newest run), adding trainer.max_epochs=N to change the length.",
+                "%s Resume with: %s resume=%s (or resume=true for the newest run), adding "
+                "trainer.max_epochs=N to change the length.",
                 e,
+                again,
                 cfg.paths.output_dir,
             )
         else:

@@ -46,7 +46,7 @@ from mnist_cnn.checkpoint import CheckpointError, epochs_done, load_checkpoint
 from mnist_cnn.data import DataError
 from mnist_cnn.module import logged_metrics, make_model
 from mnist_cnn.train import build, train
-from mnist_cnn.validate import ConfigError, check_metrics, run, task
+from mnist_cnn.validate import ConfigError, check_metrics, hydra_flags, run, task
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def train_command(overrides: Sequence[str], params: dict) -> str:
         if not key.startswith(("tune", "search_space", "hydra")) and key not in params:
             kept.append(o.input_line)
     kept += [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()]
-    return shlex.join(["python", "-m", "mnist_cnn.train", *kept])
+    return shlex.join(["python", "-m", "mnist_cnn.train", *hydra_flags(), *kept])
 
 
 def open_study(cfg: DictConfig, space: dict) -> optuna.Study:
@@ -433,7 +433,9 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             )
     # tune.monitor and optimized_metric name metrics the module logs (a trial drops tune.*)
     datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data))
-    check_metrics(cfg, logged_metrics(build("model", lambda: make_model(cfg, datamodule))))
+    # a module that lists what it logs is checked now; another by each trial's first validation
+    if logged := logged_metrics(build("model", lambda: make_model(cfg, datamodule), cfg)):
+        check_metrics(cfg, logged)
     lock = study_lock(cfg)
     with lock:
         study = open_study(cfg, space)

@@ -131,6 +131,17 @@ RULES = {
     ),
 }
 _ABSENT = object()
+# lightning-hydra-template's keys with no counterpart here, and this template's way
+FOREIGN = {
+    "hparams_search": (
+        "the search runs as its own command here: python -m mnist_cnn.tune with the same "
+        "overrides as train, its space in conf/search_space/ (docs/tuning.md)"
+    ),
+    "extras": (
+        "there are no extras here: --cfg job prints the config before a run, and the config "
+        "tree is checked as it is composed"
+    ),
+}
 
 
 def _problem(key: str, value) -> str | None:
@@ -160,6 +171,9 @@ def _exists(path: Path) -> bool:
 
 def check(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` naming every key whose value ``RULES`` does not allow."""
+    for key in FOREIGN:
+        if key in cfg:
+            raise ConfigError(f"{key} is lightning-hydra-template's key: {FOREIGN[key]}.")
     problems = []
     for key in RULES:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
@@ -239,6 +253,23 @@ class ConfigCheck(Callback):
             sys.exit(2)
 
 
+def hydra_flags(config_name: str | None = None) -> list[str]:
+    """This command line's ``--config-dir`` (and ``--config-name``, when it is not
+    ``config_name``), for a command printed for the user to run again: it then finds the same
+    config groups."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg, flags = HydraConfig.get(), []
+    for source in hydra_cfg.runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            flags += ["--config-dir", source.path]
+    if config_name and hydra_cfg.job.config_name != config_name:
+        flags += ["--config-name", hydra_cfg.job.config_name]
+    return flags
+
+
 def _command() -> str:
     name = Path(sys.argv[0]).stem
     commands = ("train", "eval", "predict", "export", "tune", "serve")
@@ -253,13 +284,24 @@ def _did_you_mean(error: ConfigCompositionException) -> str | None:
     if not isinstance(parent, DictConfig) or key is None or quoted is None:
         return None
     given = quoted[1]
+    if (root := given.lstrip("+~").split(".")[0]) in FOREIGN:
+        return f"{root} is lightning-hydra-template's key: {FOREIGN[root]}."
+    add = re.search(r"use (\+\S+)", str(error))
+    node, value = given.lstrip("+~"), add[1].partition("=")[2] if add else ""
+    if value.startswith("{") and str(getattr(cause, "full_key", "")).startswith(node + "."):
+        group = node.replace(".", "/")
+        return (
+            f"{node}={value} merges into the {node} node, which has no key {key}: Hydra keeps the "
+            f"keys already there ({', '.join(map(str, parent))}). To replace the whole node, write "
+            f"~{node} '+{node}={value}', or save it as conf/{group}/<name>.yaml and pick it "
+            f"with {group}=<name>."
+        )
     parts = given.split(".")
     close = difflib.get_close_matches(str(key), [str(k) for k in parent], n=1, cutoff=0.6)
     hint = ""
     if close and str(key) in parts:
         i = parts.index(str(key))
         hint = f"did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1 :]])}? "
-    add = re.search(r"use (\+\S+)", str(error))
     return (
         f"Unknown config key {given}: {hint}`{_command()} --cfg job` prints every key; to add a "
         f"new key on purpose, write {add[1] if add else '+' + given + '=...'}"

@@ -32,8 +32,13 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def crafted(real_ckpt, tmp_path, **changes):
+    """The checkpoint with ``changes`` in its hyper-parameters and in its record of the module's
+    constructor call and data, which the tools build from."""
     state = torch.load(real_ckpt, weights_only=True)
     state["hyper_parameters"] |= changes
+    record = state["mnist_cnn"]
+    record["module"] |= changes
+    record["data"] |= {k: v for k, v in changes.items() if k in record["data"]}
     path = tmp_path / "crafted.ckpt"
     torch.save(state, path)
     return path
@@ -56,6 +61,14 @@ def test_a_crafted_checkpoint_is_refused_before_anything_is_built(
         load_model(crafted(real_ckpt, tmp_path, **changes))
 
 
+def test_a_checkpoint_naming_another_callable_as_its_module_is_refused(real_ckpt, tmp_path):
+    state = torch.load(real_ckpt, weights_only=True)
+    state["mnist_cnn"]["module"] = {"_target_": "os.system", "command": "echo hi"}
+    torch.save(state, tmp_path / "crafted.ckpt")
+    with pytest.raises(CheckpointError, match="os.system is not a LightningModule subclass"):
+        load_model(tmp_path / "crafted.ckpt")
+
+
 def test_a_huge_network_in_a_checkpoint_allocates_nothing(real_ckpt, tmp_path):
     net = torch.load(real_ckpt, weights_only=True)["hyper_parameters"]["net"]
     path = crafted(real_ckpt, tmp_path, net=net | {"hidden": 10**6})  # 9 GB if built
@@ -69,7 +82,7 @@ def test_a_huge_network_in_a_checkpoint_allocates_nothing(real_ckpt, tmp_path):
         )
         said = proc.stdout + proc.stderr
         assert proc.returncode == 2 and "Traceback" not in said, said[-2000:]
-        assert "do not fit the model (net.fc1" in said
+        assert "do not fit its module Classifier (net.fc1" in said
 
 
 def test_a_full_disk_during_a_checkpoint_save_is_one_line(small_disk, data_dir):  # noqa: F811

@@ -49,7 +49,7 @@ def test_the_notebook_runs_against_a_fresh_checkpoint(
 
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert str(best) in text and "test/acc" in text
-    assert "Sequential mnist_cnn.data.MNISTDataModule 10 classes" in text
+    assert "Classifier (Sequential) mnist_cnn.data.MNISTDataModule 10 classes" in text
     assert "'epoch': 1" in text and "'epoch': 2" in text  # the two epochs of the history
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 3  # the 12-digit grid, the learning curves, the prepared images

@@ -190,3 +190,45 @@ def test_an_out_of_memory_in_any_command_names_the_batch_size():
     assert out_of_memory(cpu) and out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert explain(cpu).startswith("Out of memory: lower data.batch_size or data.eval_batch_size")
+
+
+RESNET = "{_target_:torchvision.models.resnet18,num_classes:10}"
+
+
+def test_replacing_a_whole_node_names_the_form_that_works(make_cfg):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_train(f"model.net={RESNET}")
+    said = explain(error.value)
+    assert f"~model.net '+model.net={RESNET}'" in said and "model/net=<name>" in said, said
+    cfg = compose_train("~model.net", f"+model.net={RESNET}")  # the form it names works
+    assert OmegaConf.to_container(cfg.model.net) == {
+        "_target_": "torchvision.models.resnet18",
+        "num_classes": 10,
+    }
+    # +model.net={...} merges into seed_cnn's keys: the refused key and both ways out are named
+    with pytest.raises(ConfigError, match=r"~model\.net\.channels.*~model\.net '\+model\.net="):
+        train(make_cfg(f"+model.net={RESNET}"))
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("+hparams_search=mnist_optuna", "python -m mnist_cnn.tune"),
+        ("+extras.print_config=false", "--cfg job"),
+    ],
+)
+def test_lightning_hydra_template_keys_name_this_templates_way(override, words):
+    with pytest.raises(ConfigError, match=f"lightning-hydra-template's key: .*{words}"):
+        check(compose_train(override))
+
+
+def test_an_unknown_key_of_lightning_hydra_template_is_not_misread_as_a_typo():
+    from hydra.errors import ConfigCompositionException
+
+    for override in ("extras.print_config=false", "hparams_search=mnist_optuna"):
+        with pytest.raises(ConfigCompositionException) as error:
+            compose_train(override)
+        said = explain(error.value)
+        assert "lightning-hydra-template's key" in said and "did you mean" not in said, said
