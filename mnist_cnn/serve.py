@@ -30,6 +30,7 @@ import threading
 from typing import Annotated
 
 import anyio
+import h11
 import hydra
 import litserve as ls
 import numpy as np
@@ -162,13 +163,12 @@ def bounded_http(max_connections: int, request_timeout: float) -> type[H11Protoc
 
         def handle_events(self) -> None:
             super().handle_events()
-            if self.cycle is not None and not self.cycle.more_body:  # the request is all in
+            if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):  # all in
                 self._received()
 
         def on_response_complete(self) -> None:
+            self._wait()  # for the next request on this connection (a pipelined one: below)
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._wait()  # the next request on this keep-alive connection
 
         def connection_lost(self, exc) -> None:
             self._received()

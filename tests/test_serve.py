@@ -3,6 +3,7 @@ answers compared with python -m mnist_cnn.predict's for the same files."""
 
 import base64
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -338,7 +339,13 @@ def closed_by_server(s: socket.socket) -> bool:
 
 def test_slow_clients_cannot_starve_good_ones(server, digits):
     port = int(server.rsplit(":", 1)[1])
+    path, expected = next(iter(digits.items()))
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=120)  # keep-alive
+    kept.request("POST", "/predict", path.read_bytes(), {"Content-Type": "image/png"})
+    assert kept.getresponse().read()  # answered; then it sends its next request slowly:
+    kept.sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     slow = [partial_request(port) for _ in range(5 * MAX_CONNECTIONS)]  # as a slowloris
+    slow.insert(4 * MAX_CONNECTIONS, kept.sock)  # evicted, or closed by request_timeout
     try:
         for path, expected in list(digits.items())[:3]:  # answered at once: the oldest make room
             check_answer(*post(server, path.read_bytes()), expected)
