@@ -18,7 +18,7 @@ FIGURES = ("learning_curves", "predictions", "confusion_matrix")
 def run(tmp_path_factory, data_dir):
     """Two tiny epochs and a test, with the default callbacks and the TensorBoard logger."""
     out = tmp_path_factory.mktemp("run")
-    cfg = tiny_cfg(out, data_dir, "trainer.max_epochs=2", "model.optimizer.lr=0.002")
+    cfg = tiny_cfg(out, data_dir, "trainer.max_epochs=2", "model.optimizer.lr=0.002", "tags=[a,b]")
     return out, train(cfg)
 
 
@@ -61,6 +61,7 @@ def test_hparams_tab_lists_the_config_with_the_final_metrics_as_columns(run):
     assert hparams["data.batch_size"].number_value == 64
     assert hparams["trainer.max_epochs"].number_value == 2
     assert hparams["model.net.channels"].string_value == "[32, 64]"
+    assert hparams["tags"].string_value == "a, b"
     experiment = events.SummaryMetadata("_hparams_/experiment").plugin_data.content
     columns = {m.name.tag for m in metadata.parse_experiment_plugin_data(experiment).metric_infos}
     assert {"val/acc_best", "test/acc", "test/loss"} <= columns
@@ -90,3 +91,17 @@ def test_the_confusion_matrix_of_many_classes_is_drawn_without_a_text_per_cell(c
     assert len(ax.texts) == texts  # torchmetrics' plot: one per cell, the reduced form: none
     assert f"{classes} classes" in ax.get_title() or classes <= 30
     fig.canvas.draw()
+
+
+@pytest.mark.slow
+def test_a_confusion_matrix_over_max_classes_is_skipped_with_a_line(
+    tmp_path, data_dir, monkeypatch, caplog
+):
+    monkeypatch.setattr("mnist_cnn.plots.MAX_CLASSES", 5)  # MNIST's 10 classes are too many
+    with caplog.at_level("INFO", "mnist_cnn.plots"):
+        train(tiny_cfg(tmp_path, data_dir))
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "learning_curves.png",
+        "predictions.png",
+    ]
+    assert "confusion_matrix.png is not drawn: 10 classes, more than the 5" in caplog.text
