@@ -124,16 +124,21 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
         experiment_name: str = "mnist_cnn",
         run_name: str | None = None,
         artifacts=ARTIFACTS,
+        tags=(),
         **kwargs,
     ):
         require("mlflow")
+        if not isinstance(tags, dict):  # a list of labels (the run's tags=[...])
+            tags = {str(t): "true" for t in tags}
         self.run_dir = Path(run_dir)
         self.artifacts = list(artifacts)
         self._uploaded: dict[Path, tuple] = {}
         changed_files(self.run_dir, self.artifacts, self._uploaded)  # what is there already
         run_name = run_name or self.run_dir.name
         with store_lock(kwargs.get("tracking_uri")):  # opening a new store creates its tables
-            super().__init__(experiment_name=experiment_name, run_name=run_name, **kwargs)
+            super().__init__(
+                experiment_name=experiment_name, run_name=run_name, tags=tags or None, **kwargs
+            )
 
     @property
     @rank_zero_experiment
@@ -227,6 +232,7 @@ class WandbLogger(lightning_wandb.WandbLogger):
         project: str = "mnist_cnn",
         name: str | None = None,
         artifacts=ARTIFACTS,
+        tags=(),
         **kwargs,
     ):
         require("wandb")
@@ -236,7 +242,8 @@ class WandbLogger(lightning_wandb.WandbLogger):
         changed_files(self.run_dir, self.artifacts, self._uploaded)  # what is there already
         run_id = saved_id(self.run_dir, "wandb") or secrets.token_hex(4)
         name = name or self.run_dir.name
-        super().__init__(name, str(self.run_dir), id=run_id, project=project, **kwargs)
+        tags = [str(t) for t in tags] or None
+        super().__init__(name, str(self.run_dir), id=run_id, project=project, tags=tags, **kwargs)
         self._wandb_init.pop("anonymous")  # wandb warns that it has no effect, even when None
 
     @property

@@ -126,8 +126,8 @@ class Figures(L.Callback):
     columns. After test: ``figures/predictions.png`` (the first 12 test digits) and
     ``figures/confusion_matrix.png``. Each figure is also logged to TensorBoard as an image."""
 
-    def __init__(self, folder: str = "figures"):
-        self.folder = folder
+    def __init__(self, folder: str = "figures", tags=()):
+        self.folder, self.tags = folder, [str(t) for t in tags]
         self._logits: torch.Tensor | None = None
         self._hook = None
         self._confmat: MulticlassConfusionMatrix | None = None
@@ -151,6 +151,7 @@ class Figures(L.Callback):
         if trainer.datamodule is not None:
             params |= _flat({"data": dict(trainer.datamodule.hparams)})
         params["trainer.max_epochs"] = trainer.max_epochs
+        params["tags"] = ", ".join(self.tags)
         # the columns; their values are the runs' own scalars with these tags
         exp, start, end = hparams(params, dict.fromkeys(_names(pl_module), 0.0))
         for logger in trainer.loggers:

@@ -117,7 +117,8 @@ def rest(url: str, endpoint: str, body: dict | None = None, **query) -> dict:
 def test_mlflow_run_and_its_resume_are_one_run_read_back_through_a_real_server(
     mlflow, make_cfg, tmp_path
 ):
-    first = train(make_cfg("logger=[tensorboard,mlflow]"))  # Hydra's list of group options
+    # Hydra's list of group options; the run's tags become MLflow tags
+    first = train(make_cfg("logger=[tensorboard,mlflow]", "tags=[baseline,bn]"))
     run_id = (tmp_path / "mlflow_run_id.txt").read_text().strip()
     resumed = train(make_cfg("logger=[tensorboard,mlflow]", "resume=true", "trainer.max_epochs=2"))
     assert (tmp_path / "mlflow_run_id.txt").read_text().strip() == run_id
@@ -146,6 +147,7 @@ def test_mlflow_run_and_its_resume_are_one_run_read_back_through_a_real_server(
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["resumed.trainer.max_epochs"] == "2"  # ... the resume's is a tag
     assert tags["run_dir"] == str(tmp_path.resolve())
+    assert tags["baseline"] == tags["bn"] == "true"
     assert re.fullmatch("[0-9a-f]{40}", tags["mlflow.source.git.commit"])
 
     # per epoch, the values train() returned, in one history across the resume
@@ -231,7 +233,7 @@ def offline_run(folder: Path, run_id: str) -> tuple[list[dict], dict]:
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics_and_a_resume_reuses_its_id(wandb, make_cfg, tmp_path):
-    first = train(make_cfg("logger=wandb"))
+    first = train(make_cfg("logger=wandb", "tags=[baseline,bn]"))
     run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
     resumed = train(make_cfg("logger=wandb", "resume=true", "trainer.max_epochs=2"))
     wandb.finish()
@@ -239,6 +241,9 @@ def test_wandb_offline_run_holds_the_metrics_and_a_resume_reuses_its_id(wandb, m
 
     folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(folders) == 2  # one per start, both the same run (wandb sync uploads them in turn)
+    records = wandb_records(folders[0] / f"run-{run_id}.wandb")
+    runs = [r.run for r in records if r.HasField("run")]
+    assert runs and list(runs[0].tags) == ["baseline", "bn"]  # the run's tags
     for folder, metrics, epochs in zip(folders, (first, resumed), (1, 2), strict=True):
         rows, config = offline_run(folder, run_id)
         last = {k: v for row in rows for k, v in row.items()}  # each key's last value
