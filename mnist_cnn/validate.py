@@ -203,7 +203,7 @@ def check_metrics(cfg: DictConfig, logged: list[str], keys=METRIC_KEYS, module=N
         if module:
             raise ConfigError(
                 f"Invalid config: {key}={value} is not a metric the module {module} logged in "
-                f"its first validation (it logged: {allowed}). {hint}Log it with "
+                f"its first validation (it logged: {allowed}). {hint.capitalize()}Log it with "
                 f"self.log('{value}', ...) in validation_step, or pass {key}=<one it logs>."
             )
         raise ConfigError(

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import lightning as L
 import nbformat
 import pytest
 import torch
@@ -22,11 +23,14 @@ import torch.nn.functional as F
 import yaml
 from conftest import import_or_skip
 from nbclient import NotebookClient
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.datasets import MNIST
 
 from mnist_cnn import ROOT
 from mnist_cnn.checkpoint import load_model
+from mnist_cnn.train import train
+from mnist_cnn.validate import ConfigError
 
 USER_CODE = Path(__file__).parent / "user_code"
 SMALL = [
@@ -324,3 +328,46 @@ def test_the_notebook_on_rgb_images_in_class_order(tmp_path, data_dir, monkeypat
     shown = re.search(r"shown: (.+)", text)[1].split()
     assert len(shown) == 12 and len(set(shown)) >= 2, shown  # not the first class only
     assert "drawn in RGB, prepared as (3, 28, 28)" in text, text
+
+
+class NoTestStep(L.LightningModule):
+    """A module from scratch with no test_step (and no logged_metrics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.layer(x.float().flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/accuracy", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def own_module(cfg, target: str):
+    cfg.model = OmegaConf.create({"_target_": target})
+    return cfg
+
+
+def test_a_module_without_test_step_is_refused_before_any_work(make_cfg, tmp_path):
+    cfg = own_module(make_cfg(), f"{__name__}.NoTestStep")
+    with pytest.raises(ConfigError, match="has no test_step.*or pass test=false"):
+        train(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_monitor_the_module_does_not_log_is_named_at_its_first_validation(make_cfg, tmp_path):
+    cfg = own_module(
+        make_cfg("test=false", "trainer.num_sanity_val_steps=1"), f"{__name__}.NoTestStep"
+    )
+    with pytest.raises(
+        ConfigError, match=r"monitor=val/acc is not a metric the module NoTestStep .*val/accuracy"
+    ):
+        train(cfg)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # no training step was taken
