@@ -80,9 +80,11 @@ def build(group: str, make, cfg: DictConfig | None = None):
         cause = unwrap(e)
         if isinstance(cause, ConfigError | DataError | CheckpointError) or in_user_code(cause):
             raise cause from None  # the user's own bug keeps its traceback, file and line
-        targets = [  # the instantiations it went through, outermost first
-            m[1] for x in _chain(e) if (m := re.match(r"Error in call to target '([^']+)'", str(x)))
-        ]
+        targets, wrapper = [], e  # the instantiations it went through, outermost first
+        while isinstance(wrapper, InstantiationException):
+            if found := re.match(r"Error in call to target '([^']+)'", str(wrapper)):
+                targets.append(found[1])
+            wrapper = wrapper.__cause__
         words = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
         fix = (
             f"Fix the {group}.* override on the command line or in conf/{group}/ "
@@ -93,12 +95,6 @@ def build(group: str, make, cfg: DictConfig | None = None):
             fix = _unexpected_key(cfg.get(group), group, targets[-1], unexpected[1]) or fix
         where = f" (in {targets[-1]})" if targets else ""
         raise ConfigError(f"Cannot build {group} from the config: {words}{where}. {fix}") from None
-
-
-def _chain(error: BaseException):
-    while isinstance(error, InstantiationException):
-        yield error
-        error = error.__cause__
 
 
 def _unexpected_key(node, path: str, target: str, key: str) -> str | None:
