@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mnist_cnn.validate import ConfigError
+
 log = logging.getLogger(__name__)
 
 STAGES = ("train/", "val/")  # the epoch line and history: every metric the module logs
@@ -124,7 +126,8 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # a signal saves in GracefulStop; a divergence must not save non-finite weights
-        if isinstance(exception, Interrupted | Diverged | KeyboardInterrupt | SIGTERMException):
+        stops = (Interrupted, Diverged, KeyboardInterrupt, SIGTERMException, ConfigError)
+        if isinstance(exception, stops):  # a config refusal: nothing was trained
             return
         if trainer.state.fn == "fit" and self._due(trainer) and trainer.global_step > 0:
             try:
@@ -132,6 +135,43 @@ class LastCheckpoint(Checkpoint):
                 log.warning("saved %s (fit stopped by %s)", self.path, type(exception).__name__)
             except Exception:  # the original error is the one to show
                 log.warning("could not save %s (fit stopped by an error)", self.path)
+
+
+class ResumedOptimizer(L.Callback):
+    """Training from a checkpoint restores its optimizers (Lightning's rule), which would keep
+    the checkpoint's learning rate and other values over the config's in silence. The values
+    the optimizers were built with (before the restore) are applied to the restored ones, with a
+    log line; with an lr scheduler, whose state follows the old values, a change is refused."""
+
+    NOT_SETTINGS = {"params", "initial_lr", "foreach", "fused", "capturable", "differentiable"}
+    SCHEDULED = {"lr", "betas", "momentum"}  # what a scheduler moves as it goes
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        skip = self.NOT_SETTINGS | (self.SCHEDULED if trainer.lr_scheduler_configs else set())
+        skip -= {"initial_lr"} if trainer.lr_scheduler_configs else set()
+        self.wanted = [
+            [{k: v for k, v in g.items() if k not in skip} for g in o.param_groups]
+            for o in trainer.optimizers
+        ]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        changed = {}
+        for optimizer, groups in zip(trainer.optimizers, self.wanted, strict=False):
+            for group, wanted in zip(optimizer.param_groups, groups, strict=False):
+                for key, value in wanted.items():
+                    if key in group and group[key] != value:
+                        changed[key] = (group[key], value)
+                        group[key] = value
+        if not changed:
+            return
+        said = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        if trainer.lr_scheduler_configs:
+            raise ConfigError(
+                f"Cannot train from the checkpoint with other optimizer settings ({said}): its lr "
+                "scheduler's state follows the checkpoint's values. Leave them as they were, or "
+                "start a new run without ckpt_path/resume."
+            )
+        log.warning("the checkpoint's optimizer takes this run's settings: %s", said)
 
 
 class RNGState(L.Callback):

@@ -136,6 +136,23 @@ def check_continuation(state: dict, path, max_epochs: int | None, resume: bool) 
     )
 
 
+def check_batch_size(state: dict, path, batch_size) -> None:
+    """Raise ``CheckpointError`` when ``state`` stopped mid-epoch and ``batch_size`` is not the
+    one it trained with: the rest of that epoch is counted in batches, so a new size would skip
+    or repeat images."""
+    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    done = progress.get("current", {}).get("completed", 0)
+    saved = (describe(state).get("datamodule") or {}).get("batch_size")
+    if not done or progress.get("is_last_batch") or saved in (None, batch_size):
+        return
+    raise CheckpointError(
+        f"Cannot train from {path} with data.batch_size={batch_size}: it stopped in the middle "
+        f"of an epoch, after {done} batches of {saved}, and the rest of that epoch is counted in "
+        f"batches. Pass data.batch_size={saved} (a new size can start from a checkpoint saved "
+        "at an epoch's end, e.g. the best epoch*.ckpt)."
+    )
+
+
 def check_weights(model: Classifier, state: dict, path) -> None:
     """Raise ``CheckpointError`` when the checkpoint's weights do not fit ``model`` (a different
     ``model.net``) or its optimizer state is another optimizer's; on success ``model`` holds

@@ -35,10 +35,12 @@ from mnist_cnn.callbacks import (
     GracefulStop,
     Interrupted,
     LastCheckpoint,
+    ResumedOptimizer,
 )
 from mnist_cnn.checkpoint import (
     CheckpointError,
     Describe,
+    check_batch_size,
     check_continuation,
     check_weights,
     load_checkpoint,
@@ -162,6 +164,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     state = load_checkpoint(ckpt_path) if ckpt_path else None  # missing, damaged or foreign
     if state is not None:
         check_continuation(state, ckpt_path, cfg.trainer.get("max_epochs"), bool(cfg.get("resume")))
+        check_batch_size(state, ckpt_path, OmegaConf.select(cfg, "data.batch_size"))
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
@@ -180,6 +183,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks.append(runinfo.RunRecord(cfg.paths.output_dir, resolved, ckpt_path, resumed))
     callbacks += [described, *late_check]
+    if state is not None:  # before LastCheckpoint: a refusal saves nothing
+        callbacks.insert(0, ResumedOptimizer())
     loggers = build("logger", lambda: instantiate_group(cfg.get("logger")))
     trainer = build(
         "trainer",
