@@ -3,6 +3,7 @@
 >>> model = load_model("outputs/runs/<run>/checkpoints/last.ckpt")  # doctest: +SKIP
 """
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
@@ -106,7 +108,21 @@ def load_checkpoint(path: str | Path, map_location="cpu", fix: str = FIX, lightn
         return state
     if not isinstance(state, dict) or "state_dict" not in state or "hyper_parameters" not in state:
         raise _fail(path, "it holds no Lightning state_dict and hyper_parameters", fix)
+    net = state["hyper_parameters"].get("net")
+    if isinstance(net, dict) and "_target_" not in net:  # an earlier release: the notebook's CNN
+        state["hyper_parameters"]["net"] = {"_target_": "mnist_cnn.model.build_cnn", **net}
     return state
+
+
+def older_release(state: dict, path) -> str:
+    """Words for a checkpoint written before checkpoints named their module (``RECORD``): the
+    commit that wrote it, from its run's ``run_info.yaml`` when that is beside it."""
+    info = Path(path).parents[1] / "run_info.yaml"
+    commit = None
+    with contextlib.suppress(Exception):  # no run_info.yaml, or not ours: the commit is unknown
+        commit = yaml.safe_load(info.read_text())[0]["git"]["commit"]
+    which = f"commit {str(commit)[:7]} (its run_info.yaml)" if commit else "an earlier release"
+    return f"it was written by {which}, before checkpoints named their module"
 
 
 def epochs_done(state: dict) -> int:
@@ -169,6 +185,12 @@ def check_weights(model: Classifier, state: dict, path) -> None:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as e:
         detail = (str(e).splitlines()[1:] or [str(e)])[0].strip().rstrip(".")  # the first one
+        if RECORD not in state:  # e.g. the metrics' names of an earlier release
+            raise CheckpointError(
+                f"Cannot train from checkpoint {path}: {older_release(state, path)}, and its "
+                f"state does not fit this release ({detail}). Train from it with that release, "
+                "or start a new run; eval, predict, export and serve read its weights."
+            ) from None
         raise CheckpointError(
             f"Cannot train from checkpoint {path}: its weights do not fit the configured network "
             f"({detail}). It was trained with model.net={state['hyper_parameters'].get('net')}: "
@@ -221,14 +243,19 @@ def load_model(path: str | Path, map_location="cpu") -> L.LightningModule:
     if problem := _hparams_problem(data, module, path):
         raise _fail(path, problem)
     name = module["_target_"].rpartition(".")[2]
+    weights = state["state_dict"]
+    if RECORD not in state:  # an earlier release: its network's weights (metrics were renamed)
+        weights = {k: v for k, v in weights.items() if k.startswith("net.")}
     try:
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in hydra.utils.instantiate(module).state_dict().items()}
-        saved = {k: v.shape for k, v in state["state_dict"].items()}
+        if RECORD not in state:
+            shapes = {k: v for k, v in shapes.items() if k.startswith("net.")}
+        saved = {k: v.shape for k, v in weights.items()}
         if wrong := [k for k in shapes.keys() | saved.keys() if shapes.get(k) != saved.get(k)]:
             raise RuntimeError(f"{sorted(wrong)[0]} does not match its network")
         model = hydra.utils.instantiate(module)
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(weights, strict=RECORD in state)
     except Exception as e:
         cause = unwrap(e)
         if in_user_code(cause):
@@ -236,7 +263,8 @@ def load_model(path: str | Path, map_location="cpu") -> L.LightningModule:
         if not isinstance(cause, TypeError | RuntimeError | ValueError):
             raise
         detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise _fail(path, f"its weights do not fit its module {name} ({detail})") from None
+        old = f"; {older_release(state, path)}" if RECORD not in state else ""
+        raise _fail(path, f"its weights do not fit its module {name} ({detail}){old}") from None
     for key, value in data.items():  # what eval, predict and serve read from model.hparams
         model.hparams.setdefault(key, value)
     return model.eval()
