@@ -274,12 +274,16 @@ def _storage_error(e: OSError, cfg: DictConfig) -> StorageError:
     if e.errno == errno.ENOENT:
         fix = "Was the run dir deleted or moved while training? Leave it in place"
     run = Path(cfg.paths.output_dir)
+    last = run / "checkpoints" / "last.ckpt"
     again = f"resume={run}"
     if not (run / ".hydra" / "config.yaml").is_file():  # its settings are gone with it
-        again = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'} with the run's settings"
+        again = f"ckpt_path={last} with the run's settings"
+    kept = f"the last complete checkpoint is kept, and {again} continues from it"
+    if not last.is_file():  # the first save failed: there is nothing to continue from
+        kept = "no checkpoint was saved yet: run the same command again"
     return StorageError(
         f"Cannot write {where}: {e.strerror or e}. {fix} (or pass paths.log_dir=/another/folder); "
-        f"the last complete checkpoint is kept, and {again} continues from it."
+        f"{kept}."
     )
 
 

@@ -98,6 +98,8 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line(small_disk, data_dir):
     assert proc.returncode == 2 and "Traceback" not in said, said[-3000:]
     assert "Cannot write" in said and "Free some space" in said
     assert not list(disk.rglob("*.partial"))
+    # the first save failed: no "last complete checkpoint is kept", as there is none
+    assert not list(disk.rglob("last.ckpt")) and "no checkpoint was saved yet" in said
 
 
 def test_a_max_time_stop_saves_its_partial_epoch(make_cfg, tmp_path):
