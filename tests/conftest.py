@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -139,4 +140,87 @@ def postgres():
             capture_output=True,
             timeout=120,
         )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A single-host Slurm cluster (Debian's slurm-wlm and munge, started as root with their
+    state in a temp dir, torn down afterwards): the environment that points sbatch at it."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    daemons = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
+    missing = [d for d in daemons if not shutil.which(d, path=f"/usr/sbin:{os.environ['PATH']}")]
+    need(not missing, f"no {', '.join(missing)}: apt-get install slurm-wlm munge")
+    need(os.geteuid() == 0, "slurmd runs as root: run the Slurm tests as root (CI does)")
+    base = Path(tempfile.mkdtemp(prefix="mnist_slurm_"))
+    base.chmod(0o755)
+    munge = base / "munge"
+    munge.mkdir(mode=0o711)
+    shutil.chown(munge, "munge", "munge")
+    socket_path = munge / "munge.socket"
+    subprocess.run(
+        ["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={socket_path}"]
+        + [f"--{k}={munge}/munged.{k.split('-')[0]}" for k in ("log-file", "pid-file", "seed-file")]
+        + ["--key-file=/etc/munge/munge.key"],
+        check=True,
+        timeout=60,
+    )
+    host = socket.gethostname().split(".")[0]
+    (base / "slurm.conf").write_text(
+        f"""ClusterName=mnist
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={socket_path},cred_expire=5
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/slurmctld.log
+SlurmdLogFile={base}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerParameters=sched_interval=1
+MpiDefault=none
+ReturnToService=2
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+    )
+    env = os.environ | {"SLURM_CONF": str(base / "slurm.conf")}
+    for daemon in ("slurmctld", "slurmd"):
+        subprocess.run([f"/usr/sbin/{daemon}"], check=True, env=env, timeout=60)
+    deadline = time.monotonic() + 60
+    while (
+        "idle"
+        not in subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env
+        ).stdout
+    ):
+        assert time.monotonic() < deadline, (base / "slurmctld.log").read_text()[-3000:]
+        time.sleep(0.5)
+    try:
+        yield env
+    finally:
+        subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True)
+        subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=60)
+        for pid_file in (base / "slurmd.pid", base / "slurmctld.pid", munge / "munged.pid"):
+            for _ in range(50):  # each daemon by its own pid
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                except (OSError, ValueError):
+                    break
+                time.sleep(0.1)
         shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""``hydra/launcher=submitit_slurm`` on a real single-host Slurm: a sweep through sbatch with its
+report, and a job that Slurm requeues (as a pre-emption does) resuming in its own run dir."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from mnist_cnn.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_sweep_through_sbatch_reports_and_a_requeued_job_resumes_in_its_dir(
+    tmp_path, data_dir, slurm
+):
+    cmd = [sys.executable, "-m", "mnist_cnn.train", "-m", "hydra/launcher=submitit_slurm"]
+    cmd += ["hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "seed=1,2"]
+    cmd += [
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=40",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "trainer.num_sanity_val_steps=0",
+        "callbacks.progress_bar.refresh_rate=0",
+        "callbacks.last_checkpoint.every_n_seconds=3600",  # last.ckpt at epoch ends
+        "logger=csv",
+        f"paths.log_dir={tmp_path}",
+        f"data.data_dir={data_dir}",
+    ]
+    log = (tmp_path / "sweep.out").open("w")
+    sweep = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=slurm)
+
+    # job 0 has finished epoch 1: Slurm requeues it (SIGTERM, then it runs again)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("multiruns/*/0/checkpoints/last.ckpt")):
+        assert sweep.poll() is None, (tmp_path / "sweep.out").read_text()[-3000:]
+        assert time.monotonic() < deadline, "job 0's epoch 1 did not end"
+        time.sleep(0.2)
+    jobs = subprocess.run(
+        ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=slurm, check=True
+    ).stdout.split()
+    (job,) = [j for j in jobs if j.endswith("_0")]
+    subprocess.run(["scontrol", "requeue", job], env=slurm, check=True, timeout=60)
+
+    assert sweep.wait(timeout=600) == 0, (tmp_path / "sweep.out").read_text()[-3000:]
+    (sweep_dir,) = (tmp_path / "multiruns").iterdir()
+    report = (sweep_dir / "sweep_report.md").read_text()
+    assert "2 jobs" in report and "| 0 | 1 | ok | 1 |" in report and "| 1 | 1 | ok | 2 |" in report
+
+    run = sweep_dir / "0"
+    text = (run / "train.log").read_text()
+    assert "Slurm started job" in text and "it continues from" in text
+    assert text.count("epoch 1/2 |") == 1 and text.count("epoch 2/2 |") == 1  # not from scratch
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 80  # 2 x 40
+    assert len(yaml.safe_load((run / "run_info.yaml").read_text())) == 2  # start, restart
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0", "1"]
