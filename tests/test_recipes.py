@@ -63,7 +63,7 @@ def test_fast_and_best_compose_as_one_cycle_recipes_of_the_same_network():
 @pytest.mark.slow
 def test_fast_recipe_trains_with_a_per_step_one_cycle_schedule(make_cfg, tmp_path):
     metrics = train(make_cfg("experiment=fast", "logger=csv"))
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert {"test/acc", "test/loss"} <= metrics.keys()  # fit, then the test
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     (scheduler,) = state["lr_schedulers"]
     assert scheduler["total_steps"] == 5 and scheduler["last_epoch"] == 5  # stepped every batch
@@ -72,7 +72,7 @@ def test_fast_recipe_trains_with_a_per_step_one_cycle_schedule(make_cfg, tmp_pat
 @pytest.mark.slow
 def test_best_recipe_runs_as_a_few_batch_debug_run(make_cfg, tmp_path):
     metrics = train(make_cfg("experiment=best"))  # 5 steps: 20% warm-up is one step
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert {"test/acc", "test/loss"} <= metrics.keys()  # fit, then the test
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     (scheduler,) = state["lr_schedulers"]
     assert scheduler["total_steps"] == 6 and scheduler["last_epoch"] == 5
@@ -154,4 +154,4 @@ def test_on_device_batches_never_leave_the_gpu(make_cfg):
 @cuda
 def test_bf16_mixed_on_gpu_trains_and_tests(make_cfg):
     metrics = train(make_cfg("trainer.accelerator=gpu", "trainer.precision=bf16-mixed"))
-    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["train/loss"] > 0
+    assert {"test/acc", "test/loss"} <= metrics.keys() and metrics["train/loss"] > 0

@@ -19,7 +19,7 @@ def scalars(tb_dir, tag):
 @pytest.mark.slow
 def test_train_writes_checkpoints_and_tensorboard_and_returns_test_metrics(make_cfg, tmp_path):
     metrics = train(make_cfg("trainer.max_epochs=2"))
-    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
+    assert metrics["test/acc"] > 0.2 and metrics["test/loss"] > 0  # chance is 0.1
     assert {"train/acc", "val/acc", "val/acc_best"} <= metrics.keys()
 
     ckpts = tmp_path / "checkpoints"
