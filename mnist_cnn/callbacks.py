@@ -242,7 +242,8 @@ class Diverged(RuntimeError):
 
 
 class GracefulStop(L.Callback):
-    """Ctrl-C or SIGTERM: finish the current batch, save ``last.ckpt``, raise ``Interrupted``.
+    """Ctrl-C, SIGTERM, SIGHUP or SIGUSR1: finish the current batch, save ``last.ckpt``, raise
+    ``Interrupted``. Lightning's teardown restores every signal's handler after fit.
 
     A signal during validation or at an epoch's end lets them finish (metrics, checkpoints),
     then stops after the next batch. A second Ctrl-C aborts at once (Lightning's own
@@ -266,6 +267,10 @@ class GracefulStop(L.Callback):
         signal.signal(signal.SIGINT, self._on_signal)
         if trainer.world_size == 1:
             signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGHUP, self._on_signal)  # the terminal was closed
+            # a scheduler's warning before a time limit; under Slurm it is Lightning's requeue
+            if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:
+                signal.signal(signal.SIGUSR1, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self.signum = signum

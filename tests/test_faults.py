@@ -99,7 +99,11 @@ def last_ckpt(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1],
+    ids=["SIGTERM", "Ctrl-C", "SIGHUP (terminal closed)", "SIGUSR1 (before a time limit)"],
+)
 def test_a_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, data_dir, sig):
     steps = ["trainer.max_epochs=2", "trainer.limit_train_batches=20", "logger=tensorboard"]
     proc = start(tmp_path, data_dir, *steps, "callbacks.last_checkpoint.every_n_train_steps=3")
@@ -153,14 +157,15 @@ class SigtermAt(L.Callback):
 
 @pytest.mark.slow
 def test_a_sigterm_during_validation_lets_it_finish_then_stops_after_the_next_batch(make_cfg):
-    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    handlers = [signal.getsignal(s) for s in signals]
     cfg = make_cfg(
         "trainer.max_epochs=2",
         "+callbacks.term={_target_: test_faults.SigtermAt, stage: validation}",
     )
     with pytest.raises(Interrupted, match=r"Stopped by SIGTERM at step 6 ") as stopped:
         train(cfg)  # 5 batches an epoch (debug=fast), validation of 2 batches
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    assert [signal.getsignal(s) for s in signals] == handlers  # restored after fit
     checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
     assert stopped.value.checkpoint == str(checkpoints / "last.ckpt")
     assert step(checkpoints / "last.ckpt") == 6
@@ -169,7 +174,7 @@ def test_a_sigterm_during_validation_lets_it_finish_then_stops_after_the_next_ba
     assert first["epoch"] == 1 and {"train/loss", "val/loss", "val/acc"} <= first.keys()
 
     train(make_cfg("trainer.max_epochs=2", "resume=true"))
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    assert [signal.getsignal(s) for s in signals] == handlers
     state = load_checkpoint(checkpoints / "last.ckpt")
     assert state["global_step"] == 10
     history = state["callbacks"]["EpochSummary"]["history"]
