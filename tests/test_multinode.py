@@ -3,6 +3,7 @@ over gloo; one run dir, one writer, the same weights on both, a dead node stops 
 
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 import yaml
 from conftest import _free_port, need
 
-from mnist_cnn import fast_precision
+from mnist_cnn import ROOT, fast_precision
 from mnist_cnn.checkpoint import load_checkpoint, load_model
 from mnist_cnn.data import MNISTDataModule
 
@@ -37,12 +38,13 @@ class WeightsDigest(L.Callback):
 
 
 def node(rank: int, port: int, out: Path, *overrides: str) -> subprocess.Popen:
-    """One node's command, as the README gives it."""
+    """Node ``rank``'s command from the README, on a free port, with ``overrides``."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     need(torchrun is not None, "torchrun is not beside this python: pip install torch")
-    cmd = [torchrun, "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}"]
-    cmd += ["--master-addr=127.0.0.1", f"--master-port={port}", "-m", "mnist_cnn.train"]
-    cmd += ["trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2", *overrides]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    (line,) = [x for x in readme if x.startswith("torchrun ") and f"-rank={rank} " in x]
+    cmd = [torchrun, *shlex.split(line)[1:], *overrides]
+    cmd = [f"--master-port={port}" if a.startswith("--master-port=") else a for a in cmd]
     env = os.environ | {"PYTHONPATH": os.path.dirname(__file__)}  # test_multinode.WeightsDigest
     with (out / f"node{rank}.out").open("a") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
