@@ -126,10 +126,10 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # a signal saves in GracefulStop; a divergence must not save non-finite weights
-        stops = (Interrupted, Diverged, KeyboardInterrupt, SIGTERMException, ConfigError)
-        if isinstance(exception, stops):  # a config refusal: nothing was trained
+        if isinstance(exception, Interrupted | Diverged | KeyboardInterrupt | SIGTERMException):
             return
-        if trainer.state.fn == "fit" and self._due(trainer) and trainer.global_step > 0:
+        started = self._saved_step is not None  # a refusal before training saves nothing
+        if trainer.state.fn == "fit" and started and self._due(trainer) and trainer.global_step > 0:
             try:
                 self.save(trainer)
                 log.warning("saved %s (fit stopped by %s)", self.path, type(exception).__name__)
@@ -166,7 +166,7 @@ class ResumedOptimizer(L.Callback):
             return
         said = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
         if trainer.lr_scheduler_configs:
-            raise ConfigError(
+            raise ConfigError(  # before LastCheckpoint's on_train_start: nothing is saved
                 f"Cannot train from the checkpoint with other optimizer settings ({said}): its lr "
                 "scheduler's state follows the checkpoint's values. Leave them as they were, or "
                 "start a new run without ckpt_path/resume."

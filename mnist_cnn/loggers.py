@@ -12,6 +12,7 @@ python -m mnist_cnn.train logger=wandb    # offline; wandb sync outputs/runs/<ru
 """
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -34,6 +35,15 @@ from mnist_cnn.validate import ConfigError
 log = logging.getLogger(__name__)
 
 ARTIFACTS = ("figures/*.png", "model.pt")  # relative to the run dir
+
+
+def _on_error(value: str, logger: str) -> str:
+    if value not in ("continue", "stop"):
+        raise ConfigError(
+            f"logger.{logger}.on_error={value} (allowed: continue, stop; e.g. "
+            f"logger.{logger}.on_error=stop)"
+        )
+    return value
 
 
 def require(package: str) -> None:
@@ -100,6 +110,63 @@ def git_tags() -> dict[str, str]:
     }
 
 
+class TrackerError(ConfigError):
+    """The tracker failed and the config says to stop (``on_error: stop``)."""
+
+
+class Guarded:
+    """A tracker that fails (unreachable, dying, refusing) never takes the training down with a
+    traceback: ``on_error="continue"`` logs one warning and trains on without it (TensorBoard
+    and the run dir keep every metric); ``"stop"`` raises ``TrackerError`` (one line, exit 2),
+    and ``last.ckpt`` is saved as for any error in fit."""
+
+    on_error, _down, _step, tracker = "continue", False, None, "the tracker"
+
+    def _failed(self, what: str, error: Exception, where: str) -> None:
+        self._down, name = True, self.tracker  # after a stop too: teardown's calls are skipped
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        why = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        if self.on_error == "stop":
+            again = (
+                f"resume={self.run_dir} continues from last.ckpt"
+                if self._step
+                else "run the same command again"
+            )
+            raise TrackerError(
+                f"{name} at {where} failed while {what} ({why}); stopped, as "
+                f"logger.*.on_error=stop asks: once it is back, {again}, or pass "
+                "on_error=continue to train on without it."
+            ) from None
+        log.warning(
+            "%s at %s failed while %s (%s): training goes on without it, TensorBoard and the run "
+            "dir keep every metric (on_error=stop stops the run instead)",
+            name,
+            where,
+            what,
+            why,
+        )
+
+
+def guarded(what: str):
+    """A tracker call that can fail: ``Guarded._failed`` decides; a failed tracker is skipped."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            if self._down:
+                return None
+            try:
+                return method(self, *args, **kwargs)
+            except ConfigError:
+                raise
+            except Exception as e:  # the tracker's own errors: network, server, storage
+                self._failed(what, e, self._where())
+
+        return call
+
+    return wrap
+
+
 def store_lock(tracking_uri: str | None):
     """A lock beside a SQLite store, for what two runs starting together (a -m sweep on joblib)
     must not both do: create the store's tables or the experiment (one of them would fail)."""
@@ -110,13 +177,15 @@ def store_lock(tracking_uri: str | None):
     return FileLock(f"{path}.lock")
 
 
-class MLFlowLogger(lightning_mlflow.MLFlowLogger):
+class MLFlowLogger(Guarded, lightning_mlflow.MLFlowLogger):
     """Lightning's ``MLFlowLogger`` for one run dir (``conf/logger/mlflow.yaml``).
 
     A run dir holding ``mlflow_run_id.txt`` continues that MLflow run (a resume); a parameter a
     resume changes keeps its first value (MLflow's rule) and the new one is the tag
     ``resumed.<key>``.
     """
+
+    tracker = "MLflow"
 
     def __init__(
         self,
@@ -125,9 +194,16 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
         run_name: str | None = None,
         artifacts=ARTIFACTS,
         tags=(),
+        on_error: str = "continue",
+        request_timeout: float = 10,
+        request_retries: int = 1,
         **kwargs,
     ):
         require("mlflow")
+        self.on_error = _on_error(on_error, "mlflow")
+        # MLflow's own settings for an HTTP server (its defaults retry for minutes)
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(request_timeout)
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(request_retries)
         if not isinstance(tags, dict):  # a list of labels (the run's tags=[...])
             tags = {str(t): "true" for t in tags}
         self.run_dir = Path(run_dir)
@@ -143,8 +219,10 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        if self._initialized:
-            return self._mlflow_client
+        return self._mlflow_client if self._initialized else self._start()
+
+    @guarded("starting the run")
+    def _start(self):
         self._find_run()
         client = super().experiment
         save_id(self.run_dir, "mlflow", self._run_id)
@@ -190,7 +268,21 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
                         f"{self._tracking_uri}: name another, logger.mlflow.experiment_name=NAME."
                     )
 
+    def _where(self) -> str:
+        return str(self._tracking_uri)
+
     @rank_zero_only
+    @guarded("logging metrics")
+    def log_metrics(self, metrics, step=None) -> None:
+        self._step = step
+        super().log_metrics(metrics, step)
+
+    @guarded("saving a checkpoint's record")
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        super().after_save_checkpoint(checkpoint_callback)
+
+    @rank_zero_only
+    @guarded("logging the config")
     def log_hyperparams(self, params) -> None:
         from mlflow.entities import Param, RunTag
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -209,6 +301,7 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
             client.log_batch(run_id, params=new[part], tags=changed[part])
 
     @rank_zero_only
+    @guarded("closing the run")
     def finalize(self, status: str = "success") -> None:
         if self._initialized and status != "failed":
             for path in changed_files(self.run_dir, self.artifacts, self._uploaded):
@@ -219,11 +312,12 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
         super().finalize(status)
 
 
-class WandbLogger(lightning_wandb.WandbLogger):
+class WandbLogger(Guarded, lightning_wandb.WandbLogger):
     """Lightning's ``WandbLogger`` for one run dir (``conf/logger/wandb.yaml``): offline unless
     ``mode=online``, files in ``<run dir>/wandb/``, the run id in ``wandb_run_id.txt`` (a resume
     continues the same run), figures as images and ``model.pt`` saved with the run."""
 
+    tracker = "W&B"
     _last_run = None  # the run the previous WandbLogger of this process started
 
     def __init__(
@@ -233,9 +327,11 @@ class WandbLogger(lightning_wandb.WandbLogger):
         name: str | None = None,
         artifacts=ARTIFACTS,
         tags=(),
+        on_error: str = "continue",
         **kwargs,
     ):
         require("wandb")
+        self.on_error = _on_error(on_error, "wandb")
         self.run_dir = Path(run_dir)
         self.artifacts = list(artifacts)
         self._uploaded: dict[Path, tuple] = {}
@@ -249,6 +345,10 @@ class WandbLogger(lightning_wandb.WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
+        return self._experiment if self._experiment is not None else self._start()
+
+    @guarded("starting the run")
+    def _start(self):
         if self._experiment is None:
             import wandb
 
@@ -261,12 +361,23 @@ class WandbLogger(lightning_wandb.WandbLogger):
                 save_id(self.run_dir, "wandb", run.id)  # wandb records the git commit itself
         return self._experiment
 
+    def _where(self) -> str:
+        return f"project {self._wandb_init.get('project')}"
+
     @rank_zero_only
+    @guarded("logging metrics")
+    def log_metrics(self, metrics, step=None) -> None:
+        self._step = step
+        super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    @guarded("logging the config")
     def log_hyperparams(self, params) -> None:
         config = _convert_params(params)
         super().log_hyperparams(composed_config(self.run_dir, config))
 
     @rank_zero_only
+    @guarded("closing the run")
     def finalize(self, status: str = "success") -> None:
         run = self._experiment
         if run is not None and not run.disabled and status != "failed":

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -17,6 +18,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST, compose_train, need
 
 from mnist_cnn.train import train
@@ -49,7 +51,7 @@ def free_port() -> int:
 
 @contextmanager
 def mlflow_server(db: Path, workdir: Path):
-    """``mlflow server`` on 127.0.0.1 with ``db`` as its store; yields its URL."""
+    """``mlflow server`` on 127.0.0.1 with ``db`` as its store; yields its URL and process."""
     log = workdir / "mlflow_server.log"
     for _ in range(5):  # the port is free when picked; if another process takes it first: again
         port = free_port()
@@ -86,7 +88,7 @@ def mlflow_server(db: Path, workdir: Path):
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.25)
-        yield url
+        yield url, proc
     finally:
         stop_server(proc)
 
@@ -123,7 +125,7 @@ def test_mlflow_run_and_its_resume_are_one_run_read_back_through_a_real_server(
     resumed = train(make_cfg("logger=[tensorboard,mlflow]", "resume=true", "trainer.max_epochs=2"))
     assert (tmp_path / "mlflow_run_id.txt").read_text().strip() == run_id
 
-    with mlflow_server(tmp_path / "mlflow.db", tmp_path) as url:
+    with mlflow_server(tmp_path / "mlflow.db", tmp_path) as (url, _):
         experiment = rest(url, "experiments/get-by-name", experiment_name="mnist_cnn")
         experiment_id = experiment["experiment"]["experiment_id"]
         runs = rest(url, "runs/search", {"experiment_ids": [experiment_id]})["runs"]
@@ -301,3 +303,59 @@ def test_logger_all_and_lists_compose():
     assert list(both) == ["tensorboard", "mlflow", "wandb"]
     assert both.mlflow.tracking_uri == f"sqlite:///{compose_train(where).paths.log_dir}/mlflow.db"
     assert both.wandb.mode == "offline"
+
+
+def test_an_unreachable_mlflow_is_one_warning_and_the_training_goes_on(mlflow, make_cfg, caplog):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    tracked = ["logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri={uri}"]
+    metrics = train(make_cfg(*tracked))
+    assert {"val/acc", "test/acc"} <= metrics.keys()
+    said = [r.getMessage() for r in caplog.records if "failed while" in r.getMessage()]
+    assert len(said) == 1 and uri in said[0] and "training goes on" in said[0], said
+
+    with pytest.raises(ConfigError, match="on_error=stop asks: once it is back, run the same"):
+        train(make_cfg(*tracked, "logger.mlflow.on_error=stop"))
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_that_dies_mid_run_leaves_the_training_running(mlflow, tmp_path, data_dir):
+    run = tmp_path / "run"
+    args = [f"paths.output_dir={run}", f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"]
+    args += [
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=40",
+        "trainer.limit_val_batches=2",
+    ]
+    args += ["trainer.limit_test_batches=2", "trainer.accelerator=cpu"]
+    args += ["callbacks.progress_bar.refresh_rate=0", "logger=[tensorboard,mlflow]"]
+    last = run / "checkpoints" / "last.ckpt"
+    for on_error, code in (("continue", 0), ("stop", 2)):
+        shutil.rmtree(run, ignore_errors=True)
+        with mlflow_server(tmp_path / "mlflow.db", tmp_path) as (url, server):
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mnist_cnn.train",
+                    *args,
+                    f"logger.mlflow.tracking_uri={url}",
+                ]
+                + [f"logger.mlflow.on_error={on_error}"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=tmp_path,
+            )
+            deadline = time.monotonic() + 600
+            while not (last.exists() and torch.load(last, weights_only=True)["epoch"] >= 1):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.2)
+            stop_server(server)  # the server dies after the first epoch
+            out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == code and "Traceback" not in out, out[-3000:]
+        assert out.count("failed while logging metrics") == 1, out[-3000:]
+        state = torch.load(last, weights_only=True)
+        if on_error == "continue":  # all three epochs, TensorBoard kept every one
+            assert state["epoch"] == 2 and "test accuracy" in out
+        else:  # stopped at the next epoch's metrics, last.ckpt saved and the resume named
+            assert f"resume={run} continues from last.ckpt" in out and state["global_step"] >= 40
