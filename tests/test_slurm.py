@@ -34,27 +34,31 @@ def test_a_sweep_through_sbatch_reports_and_a_requeued_job_resumes_in_its_dir(
     log = (tmp_path / "sweep.out").open("w")
     sweep = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=slurm)
 
-    # job 0 has finished epoch 1: Slurm requeues it (SIGTERM, then it runs again)
+    # once a job has finished epoch 1, Slurm requeues it: job 0 as a pre-emption does
+    # (scontrol requeue: SIGTERM, then it runs again), job 1 as a time limit's --signal=USR1
+    # does (Lightning saves hpc_ckpt_1.ckpt and calls scontrol requeue itself)
     deadline = time.monotonic() + 300
-    while not list(tmp_path.glob("multiruns/*/0/checkpoints/last.ckpt")):
-        assert sweep.poll() is None, (tmp_path / "sweep.out").read_text()[-3000:]
-        assert time.monotonic() < deadline, "job 0's epoch 1 did not end"
-        time.sleep(0.2)
-    jobs = subprocess.run(
-        ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=slurm, check=True
-    ).stdout.split()
-    (job,) = [j for j in jobs if j.endswith("_0")]
-    subprocess.run(["scontrol", "requeue", job], env=slurm, check=True, timeout=60)
+    for num, how in ((0, ["scontrol", "requeue"]), (1, ["scancel", "--signal=USR1"])):
+        while not list(tmp_path.glob(f"multiruns/*/{num}/checkpoints/last.ckpt")):
+            assert sweep.poll() is None, (tmp_path / "sweep.out").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"job {num}'s epoch 1 did not end"
+            time.sleep(0.2)
+        jobs = subprocess.run(
+            ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=slurm, check=True
+        ).stdout.split()
+        (job,) = [j for j in jobs if j.endswith(f"_{num}")]
+        subprocess.run([*how, job], env=slurm, check=True, timeout=60)
 
     assert sweep.wait(timeout=600) == 0, (tmp_path / "sweep.out").read_text()[-3000:]
     (sweep_dir,) = (tmp_path / "multiruns").iterdir()
     report = (sweep_dir / "sweep_report.md").read_text()
     assert "2 jobs" in report and "| 0 | 1 | ok | 1 |" in report and "| 1 | 1 | ok | 2 |" in report
 
-    run = sweep_dir / "0"
-    text = (run / "train.log").read_text()
-    assert "Slurm started job" in text and "it continues from" in text
-    assert text.count("epoch 1/2 |") == 1 and text.count("epoch 2/2 |") == 1  # not from scratch
-    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 80  # 2 x 40
-    assert len(yaml.safe_load((run / "run_info.yaml").read_text())) == 2  # start, restart
+    for num in (0, 1):
+        run = sweep_dir / str(num)
+        text = (run / "train.log").read_text()
+        assert "Slurm started job" in text and "it continues from" in text, text[-3000:]
+        assert text.count("epoch 1/2 |") == 1 and text.count("epoch 2/2 |") == 1  # not again
+        assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 80  # 2 x 40
+        assert len(yaml.safe_load((run / "run_info.yaml").read_text())) == 2  # start, restart
     assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0", "1"]
