@@ -305,6 +305,7 @@ def test_logger_all_and_lists_compose():
     assert both.wandb.mode == "offline"
 
 
+@pytest.mark.slow
 def test_an_unreachable_mlflow_is_one_warning_and_the_training_goes_on(mlflow, make_cfg, caplog):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     tracked = ["logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri={uri}"]

@@ -58,6 +58,7 @@ def test_the_tools_read_an_older_checkpoints_weights(old_ckpt, tmp_path):
     assert info["channels"] == 1 and type(net).__name__ == "Sequential"
 
 
+@pytest.mark.slow
 def test_training_from_an_older_checkpoint_names_the_release_in_one_line(old_ckpt, make_cfg):
     path, _ = old_ckpt
     cfg = make_cfg("test=false", f"ckpt_path={path}")
