@@ -4,6 +4,7 @@
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from test_tune import TINY, tune_cfg
 
-from mnist_cnn.tune import TuneError, retries, tune
+from mnist_cnn.tune import TuneError, open_study, retries, search_space, study_lock, tune
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -80,6 +81,32 @@ def test_two_workers_on_a_new_database_share_one_study_and_take_over_a_killed_tr
         best = yaml.safe_load((tmp_path / name / "tune" / "best.yaml").read_text())
         assert best["best_trial"] == study.best_trial.number and best["value"] == study.best_value
         assert sum(best["trials"].get(s, 0) for s in ("complete", "pruned")) == 4
+
+
+@pytest.mark.slow
+def test_workers_opening_a_new_database_at_the_same_instant_create_one_study(
+    tmp_path, data_dir, postgres
+):
+    # without the advisory lock every round of this failed here: IntegrityError (UniqueViolation)
+    url = postgres("race")
+    cfg = tune_cfg(tmp_path, data_dir, f"tune.storage={url}", "tune.study_name=race")
+    space, start, errors = search_space(cfg), threading.Barrier(6), []
+
+    def worker() -> None:
+        start.wait()
+        try:
+            with study_lock(cfg):  # as tune() opens it
+                open_study(cfg, space)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["race"]
 
 
 def test_a_server_that_cannot_be_reached_is_named_with_the_fix_for_a_server(tmp_path, data_dir):
