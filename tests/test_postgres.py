@@ -87,7 +87,7 @@ def test_two_workers_on_a_new_database_share_one_study_and_take_over_a_killed_tr
 def test_workers_opening_a_new_database_at_the_same_instant_create_one_study(
     tmp_path, data_dir, postgres
 ):
-    # without the advisory lock every round of this failed here: IntegrityError (UniqueViolation)
+    # without the advisory lock this fails: IntegrityError (UniqueViolation) from the tables
     url = postgres("race")
     cfg = tune_cfg(tmp_path, data_dir, f"tune.storage={url}", "tune.study_name=race")
     space, start, errors = search_space(cfg), threading.Barrier(6), []
