@@ -37,6 +37,10 @@ def data_config(cfg: DictConfig, saved: dict | None) -> tuple[DictConfig, str]:
     return data, "the data the checkpoint was trained on; data=<option> picks another"
 
 
+def _shown(names) -> str:
+    return ", ".join(list(names)[:12]) + (", ..." if len(names) > 12 else "")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """``{"test/acc": ..., "test/loss": ...}`` of the checkpoint ``cfg.ckpt_path``."""
     if not cfg.get("ckpt_path"):
@@ -49,6 +53,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data, source = data_config(cfg, model.hparams.get("datamodule"))
     log.info("testing on %s (%s)", data.get("_target_"), source)
     datamodule = hydra.utils.instantiate(data)
+    classes = [str(c) for c in getattr(datamodule, "classes", model.hparams.classes)]
+    if classes != list(model.hparams.classes):  # every label would be scored against another
+        raise DataError(
+            f"The data's classes ({_shown(classes)}) are not the checkpoint's "
+            f"({_shown(model.hparams.classes)}), in name or order, so every score would "
+            "compare other classes. Test on data whose class folders carry the checkpoint's "
+            "names, or use python -m mnist_cnn.predict on the images."
+        )
     trainer = hydra.utils.instantiate(
         cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False
     )

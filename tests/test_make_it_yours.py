@@ -118,6 +118,25 @@ def test_a_folder_of_own_images_with_lenet5(tmp_path, data_dir):
     evaluated = cli("eval", f"ckpt_path={best}", cwd=tmp_path)
     accuracy = float(re.search(r"test/acc (\S+)", evaluated.stdout)[1])
     assert accuracy > 0.8 and "ImageFolderDataModule" in evaluated.stdout + evaluated.stderr
+    renamed = tmp_path / "renamed" / "train"  # the same images, the classes named otherwise
+    for old, new in (("circle", "zero"), ("seven", "one"), ("stick", "two")):
+        shutil.copytree(folder / "train" / old, renamed / new)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mnist_cnn.eval",
+            f"ckpt_path={best}",
+            f"data.data_dir={renamed.parent}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )  # was test/acc 0.000000 with no word
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 2 and "Traceback" not in said, said[-3000:]
+    assert "classes (one, two, zero) are not the checkpoint's (circle, seven, stick)" in said
     sample = tmp_path / "sample"
     digits_as_png(data_dir, sample, {7: "x"}, per_class=3)
     predicted = cli("predict", f"ckpt_path={best}", f"inputs=[{sample / 'x'}]", cwd=tmp_path)
