@@ -3,6 +3,8 @@
 import importlib
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,20 @@ def import_or_skip(name: str, why: str):
         return importlib.import_module(name)
     except ImportError as e:
         pytest.fail(f"{why} ({e})", pytrace=False)
+
+
+def cli(command: str, *args: str, cwd: Path, code: int = 0) -> subprocess.CompletedProcess:
+    """``python -m mnist_cnn.<command> *args`` in ``cwd``, as a user runs it; its exit status
+    must be ``code``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"mnist_cnn.{command}", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="session")

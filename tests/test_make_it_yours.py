@@ -5,13 +5,12 @@ export follow the checkpoint. Nothing inside the package is edited."""
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cli
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import MNIST
@@ -20,18 +19,6 @@ from mnist_cnn.checkpoint import load_model
 
 USER_CODE = Path(__file__).parent / "user_code"
 QUIET = ["callbacks.progress_bar.refresh_rate=0", "trainer.accelerator=cpu"]
-
-
-def cli(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", f"mnist_cnn.{command}", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def digits_as_png(data_dir: Path, folder: Path, labels: dict[int, str], per_class: int) -> None:
@@ -121,21 +108,12 @@ def test_a_folder_of_own_images_with_lenet5(tmp_path, data_dir):
     renamed = tmp_path / "renamed" / "train"  # the same images, the classes named otherwise
     for old, new in (("circle", "zero"), ("seven", "one"), ("stick", "two")):
         shutil.copytree(folder / "train" / old, renamed / new)
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mnist_cnn.eval",
-            f"ckpt_path={best}",
-            f"data.data_dir={renamed.parent}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )  # was test/acc 0.000000 with no word
+    # was test/acc 0.000000 with no word
+    refused = cli(
+        "eval", f"ckpt_path={best}", f"data.data_dir={renamed.parent}", cwd=tmp_path, code=2
+    )
     said = refused.stdout + refused.stderr
-    assert refused.returncode == 2 and "Traceback" not in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
     assert "classes (one, two, zero) are not the checkpoint's (circle, seven, stick)" in said
     sample = tmp_path / "sample"
     digits_as_png(data_dir, sample, {7: "x"}, per_class=3)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import import_or_skip
+from conftest import cli, import_or_skip
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
 from PIL import Image
@@ -41,18 +41,6 @@ SMALL = [
     "trainer.accelerator=cpu",
     "callbacks.progress_bar.refresh_rate=0",
 ]
-
-
-def cli(command: str, *args: str, cwd: Path, code: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", f"mnist_cnn.{command}", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
-    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
