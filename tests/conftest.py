@@ -240,3 +240,28 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     break
                 time.sleep(0.1)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def val_acc_twice(score_from: Path, model_from: Path, data_dir: Path, n: int = 4000):
+    """(the best val/acc that ``score_from``'s ModelCheckpoint recorded, the accuracy of
+    ``model_from``'s weights on the first ``n`` validation images computed here), at the run's
+    precision: a DDP run's val/acc is over every rank's shard."""
+    import torch
+
+    from mnist_cnn import fast_precision
+    from mnist_cnn.checkpoint import load_checkpoint, load_model
+    from mnist_cnn.data import MNISTDataModule
+
+    callbacks = load_checkpoint(score_from)["callbacks"]
+    (score,) = [
+        s["best_model_score"]
+        for k, s in callbacks.items()
+        if k.startswith("ModelCheckpoint") and s.get("best_model_score") is not None
+    ]
+    dm = MNISTDataModule(str(data_dir))
+    dm.setup("fit")
+    x, y = dm.on_after_batch_transfer(dm.val_set[torch.arange(n)], 0)
+    bf16 = fast_precision("cpu") == "bf16-mixed"  # the runs' trainer.precision
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        correct = load_model(model_from)(x).argmax(-1) == y
+    return float(score), correct.float().mean().item()

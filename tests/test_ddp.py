@@ -4,12 +4,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import FAST
-
-from mnist_cnn import fast_precision
-from mnist_cnn.checkpoint import load_checkpoint, load_model
-from mnist_cnn.data import MNISTDataModule
+from conftest import FAST, val_acc_twice
 
 pytestmark = pytest.mark.slow
 
@@ -36,17 +31,6 @@ def test_ddp_cpu_trains_in_one_run_dir_with_metrics_over_both_ranks(tmp_path, da
 
     # val/acc is over both ranks' shards: debug=fast validates 2 batches of 1000 per rank, and
     # DistributedSampler gives rank 0 the even and rank 1 the odd images of the first 4000.
-    state = load_checkpoint(checkpoints / "last.ckpt")
-    (score,) = [
-        s["best_model_score"]
-        for k, s in state["callbacks"].items()
-        if k.startswith("ModelCheckpoint") and s.get("best_model_score") is not None
-    ]
-    dm = MNISTDataModule(str(data_dir))
-    dm.setup("fit")
-    x, y = dm.on_after_batch_transfer(dm.val_set[torch.arange(4000)], 0)
-    bf16 = fast_precision("cpu") == "bf16-mixed"  # the run's trainer.precision
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        correct = load_model(best[0])(x).argmax(-1) == y
-    assert float(score) == correct.float().mean().item()
+    score, recomputed = val_acc_twice(checkpoints / "last.ckpt", best[0], data_dir)
+    assert score == recomputed
     assert "test accuracy" in proc.stdout + proc.stderr

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 import yaml
-from conftest import _free_port, need
+from conftest import _free_port, need, val_acc_twice
 
-from mnist_cnn import ROOT, fast_precision
-from mnist_cnn.checkpoint import load_checkpoint, load_model
-from mnist_cnn.data import MNISTDataModule
+from mnist_cnn import ROOT
+from mnist_cnn.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -105,16 +103,5 @@ def test_two_nodes_train_one_model_in_one_run_dir_and_resume_after_a_node_dies(t
     assert len(list(tmp_path.glob("weights_*.txt"))) == 2 and len(digests) == 1  # same weights
 
     # val/acc is over both ranks' shards: 2 batches of 1000 each, the first 4000 images
-    state = load_checkpoint(best[0])
-    (score,) = [
-        s["best_model_score"]
-        for k, s in state["callbacks"].items()
-        if k.startswith("ModelCheckpoint") and s.get("best_model_score") is not None
-    ]
-    dm = MNISTDataModule(str(data_dir))
-    dm.setup("fit")
-    x, y = dm.on_after_batch_transfer(dm.val_set[torch.arange(4000)], 0)
-    bf16 = fast_precision("cpu") == "bf16-mixed"
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        correct = load_model(best[0])(x).argmax(-1) == y
-    assert float(score) == correct.float().mean().item()
+    score, recomputed = val_acc_twice(best[0], best[0], data_dir)
+    assert score == recomputed
