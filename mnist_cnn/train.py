@@ -197,6 +197,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if before is not None:  # Lightning composes its SIGTERM handler with the one it finds
         loading = before is mnist_cnn._stopped_while_loading  # python -m's, not the user's
         signal.signal(signal.SIGTERM, signal.SIG_DFL if loading else before)
+    # Lightning ignores SIGINT after a Ctrl-C it handles (its exit) and restores it in a teardown
+    # that may have run already (a Ctrl-C in on_fit_end): a notebook would ignore Ctrl-C after
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:  # Lightning's own stop between batches (DDP); GracefulStop saved
@@ -204,6 +207,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise Interrupted(signal.SIGTERM, saved, trainer.global_step) from None
     except SystemExit:  # Lightning's exit on a Ctrl-C it handles: a second one, or one before
         # GracefulStop listens (the run's setup); nothing is saved
+        _restore(signal.SIGINT, sigint)
         saved = str(last) if last.exists() else None
         raise Interrupted(signal.SIGINT, saved, trainer.global_step, aborted=True) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -216,6 +220,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         except (SIGTERMException, SystemExit) as e:  # complete and saved: a resume tests
             signum = signal.SIGTERM if isinstance(e, SIGTERMException) else signal.SIGINT
+            _restore(signal.SIGINT, sigint)
             saved = str(last) if last.exists() else None
             raise Interrupted(signum, saved, trainer.global_step, metrics=metrics) from None
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -224,6 +229,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("best checkpoint: %s", best)
     runinfo.unlock_run(cfg.paths.output_dir)  # complete: nothing more is written there
     return metrics
+
+
+def _restore(signum: int, handler) -> None:
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signum, handler)
 
 
 def _check_module(cfg: DictConfig, model: L.LightningModule) -> list[L.Callback]:

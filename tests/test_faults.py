@@ -136,6 +136,21 @@ def test_a_signal_saves_last_ckpt_and_says_how_to_resume(tmp_path, data_dir, sig
             torch.load(path, map_location="cpu", weights_only=True)
 
 
+class CtrlCAtFitEnd(L.Callback):
+    """Presses Ctrl-C in on_fit_end, after Lightning's teardown restored the signal handlers."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_in_on_fit_end_leaves_ctrl_c_working_afterwards(make_cfg):
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted, match="Stopped by Ctrl-C"):
+        train(make_cfg("+callbacks.ctrl_c={_target_: test_faults.CtrlCAtFitEnd}"))
+    assert signal.getsignal(signal.SIGINT) == before  # was SIG_IGN: a notebook ignored Ctrl-C
+
+
 class SigtermAt(L.Callback):
     """Sends this process SIGTERM as the first validation or the test starts: between batches."""
 
