@@ -52,7 +52,9 @@ def ckpt(tmp_path_factory, data_dir):
 def named_ckpt(ckpt, tmp_path_factory):
     """The same checkpoint with its classes named in words: predict prints these names."""
     state = torch.load(ckpt, weights_only=True)
-    state["hyper_parameters"]["classes"] = WORDS
+    record = state["mnist_cnn"]  # the module's constructor call and data, which the tools read
+    state["hyper_parameters"]["classes"] = record["module"]["classes"] = WORDS
+    record["data"]["classes"] = WORDS
     path = tmp_path_factory.mktemp("named") / "words.ckpt"
     torch.save(state, path)
     return path
