@@ -3,6 +3,7 @@ over gloo; one run dir, one writer, the same weights on both, a dead node stops 
 
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -81,9 +82,14 @@ def test_two_nodes_train_one_model_in_one_run_dir_and_resume_after_a_node_dies(t
     assert nodes[0].wait(timeout=120) != 0
     out0 = (tmp_path / "node0.out").read_text()
     (run,) = (tmp_path / "runs").iterdir()  # node 1 wrote in node 0's run dir, made none
-    assert "Rank 0 lost the other processes of this run at step 30 (Connection closed" in out0
-    assert f"Resume with: python -m mnist_cnn.train resume={run}" in out0
-    assert "Traceback" not in out0.split("lost the other processes")[0][-2000:]
+    # gloo's words for the lost peer vary ("Connection closed", "... reset by peer"), and its
+    # torchrun agent may stop rank 0 with SIGTERM first: one line and the resume command either way
+    said = re.search(
+        r"Rank 0 lost the other processes of this run at step \d+ \(|Stopped by SIGTERM", out0
+    )
+    assert said, out0[-3000:]
+    assert f"Resume with: python -m mnist_cnn.train resume={run}" in out0, out0[-3000:]
+    assert "Traceback" not in out0.split(said[0])[0][-2000:]
 
     # both nodes resume: epoch 2 only, in the same dir
     port = _free_port()
