@@ -18,6 +18,7 @@ def optimizer_groups(path) -> list[dict]:
     return torch.load(path, weights_only=True)["optimizer_states"][0]["param_groups"]
 
 
+@pytest.mark.slow
 def test_a_new_learning_rate_is_applied_and_recorded(make_cfg, tmp_path):
     train(make_cfg("test=false", "callbacks.last_checkpoint.every_n_train_steps=1"))
     first = tmp_path / "first.ckpt"

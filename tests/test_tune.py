@@ -171,6 +171,7 @@ def tune_cfg(tmp_path, data_dir, *overrides):
     return compose_train(*base, *overrides, config_name="tune")
 
 
+@pytest.mark.slow
 def test_a_lagging_trial_is_pruned_after_its_first_epoch(tmp_path, data_dir):
     pruner = ["tune.pruner._target_=optuna.pruners.ThresholdPruner", "+tune.pruner.lower=1.01"]
     pruner += ["~tune.pruner.n_startup_trials", "tune.pruner.n_warmup_steps=0"]  # prunes all
