@@ -35,6 +35,9 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip")
 )
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# conf/hydra/launcher/joblib.yaml takes the joblib launcher's name; Hydra checks it against that
+# launcher's schema, and says so
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against")
 # our bf16-mixed default: the summary's size estimate in float32 is fine
 warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
 

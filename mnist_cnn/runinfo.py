@@ -264,5 +264,7 @@ class RunRecord(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         record(self.run_dir, self.resumed_from, self.cfg)
+        # a sweep job run again in its dir: its earlier failure is no longer its state
+        (Path(self.run_dir) / "job_failed.yaml").unlink(missing_ok=True)
         if self.resumed is not None and self.resumed[1]:
             write_resumed_files(self.run_dir, *self.resumed)

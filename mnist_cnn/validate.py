@@ -332,6 +332,12 @@ def explain(error: BaseException) -> str | None:
     for e in _chain(error):  # e.g. from a resolver of the run dir: resume=<a run with no ckpt>
         if isinstance(e, ConfigError) or type(e).__name__ == "CheckpointError":
             return str(e)
+    if "Unknown plugin class : 'hydra_plugins.mnist_cnn_launcher" in str(error):
+        return (
+            "hydra/launcher=joblib is this project's plugin, which Hydra cannot find in a default "
+            "editable install: reinstall with make install, or with pip install -e '.[dev]' "
+            "--config-settings editable_mode=compat."
+        )
     if out_of_memory(error):
         return (
             "Out of memory: lower data.batch_size or data.eval_batch_size, or use a smaller "
