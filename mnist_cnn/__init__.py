@@ -115,7 +115,7 @@ def _torchrun_shared(key: str, value: str | None = None) -> str | None:
 
     from torch.distributed import TCPStore
 
-    from mnist_cnn.validate import ConfigError
+    from mnist_cnn.errors import ConfigError
 
     key = f"mnist_cnn/{key}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])

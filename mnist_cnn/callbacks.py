@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mnist_cnn.validate import ConfigError
+from mnist_cnn.errors import ConfigError, Diverged, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -211,34 +211,6 @@ class FirstValidationCheck(L.Callback):
         if not self.done:
             self.done = True
             self.check(sorted(trainer.callback_metrics))
-
-
-class Interrupted(Exception):
-    """Training was stopped by Ctrl-C or SIGTERM after saving ``checkpoint``; ``aborted``: by a
-    Ctrl-C that Lightning handled (a second one, or one before training started), without
-    saving (``checkpoint``: the newest one from before). ``metrics``: the fit's, when the signal
-    came after its last batch (training is complete)."""
-
-    def __init__(
-        self,
-        signum: int,
-        checkpoint: str | None,
-        step: int | None = None,
-        aborted=False,
-        metrics: dict | None = None,
-    ):
-        self.signum, self.checkpoint, self.metrics = signum, checkpoint, metrics
-        at = f" at step {step}" if step is not None else ""
-        if aborted:
-            kept = f"{checkpoint}, saved earlier, is kept" if checkpoint else "none was saved"
-            super().__init__(f"Stopped by Ctrl-C{at} without saving ({kept}).")
-            return
-        saved = f"saved {checkpoint}" if checkpoint else "nothing saved"
-        super().__init__(f"Stopped by {signal.Signals(signum).name}{at} ({saved}).")
-
-
-class Diverged(RuntimeError):
-    """The training loss or the weights became NaN or infinite; nothing was saved after that."""
 
 
 class GracefulStop(L.Callback):

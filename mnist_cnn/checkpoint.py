@@ -16,13 +16,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from mnist_cnn.errors import CheckpointError, in_user_code, unwrap
 from mnist_cnn.module import Classifier, checked_target
-from mnist_cnn.validate import in_user_code, unwrap
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, damaged or not one of ours; the message says what to do."""
-
 
 FIX = (
     "Pass a .ckpt written by `python -m mnist_cnn.train` (outputs/runs/<run>/checkpoints/"

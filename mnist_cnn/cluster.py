@@ -6,13 +6,12 @@ run dir (a Hydra callback, ``conf/hydra/default.yaml``).
 import logging
 import os
 import shutil
-import signal
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from lightning.pytorch.strategies import DDPStrategy as _LightningDDP
 
-from mnist_cnn.callbacks import Interrupted
+from mnist_cnn.errors import PeerLost
 
 log = logging.getLogger(__name__)
 
@@ -25,21 +24,6 @@ LOST = (
     "NCCL communicator was aborted",
     "failed to recv, got 0 bytes",
 )
-
-
-class PeerLost(Interrupted):
-    """Another process of this run died (its node went down, or it was killed): this one stops
-    too, keeping the newest ``last.ckpt``. Exit status 141 (128 + SIGPIPE: the other end is
-    gone)."""
-
-    def __init__(self, rank: int, checkpoint: str | None, step: int, why: str):
-        super().__init__(signal.SIGPIPE, checkpoint, step)
-        kept = "its last.ckpt is kept" if checkpoint else "no last.ckpt yet"
-        self.args = (
-            f"Rank {rank} lost the other processes of this run at step {step} ({why}): a node "
-            f"died or was stopped, so this one stops too ({kept}); run every node's command "
-            "again with resume=<run dir>.",
-        )
 
 
 def lost_peer(error: BaseException) -> str | None:

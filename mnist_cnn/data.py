@@ -34,6 +34,7 @@ from torchvision.datasets import MNIST
 from torchvision.datasets.utils import download_url
 from torchvision.transforms import ToTensor
 
+from mnist_cnn.errors import DataError
 from mnist_cnn.validate import file_in_the_way
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,6 @@ RAW_FILES = {
 VAL_SIZE = 10_000
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 ANOTHER_FOLDER = "point to another folder with `data.data_dir=/path` or MNIST_DATA_DIR"
-
-
-class DataError(RuntimeError):
-    """MNIST is missing, damaged or cannot be written; the message says what to do."""
 
 
 def _digest(path: Path, algorithm: str) -> str:

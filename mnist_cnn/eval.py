@@ -13,10 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_cnn.checkpoint import CheckpointError, load_model
-from mnist_cnn.data import DataError
+from mnist_cnn.checkpoint import load_model
+from mnist_cnn.errors import CheckpointError, ConfigError, DataError
 from mnist_cnn.module import checked_target
-from mnist_cnn.validate import ConfigError, check, run, task
+from mnist_cnn.validate import check, run, task
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ from mnist_cnn.checkpoint import (
     load_model,
     module_of,
 )
+from mnist_cnn.errors import ConfigError, ExportError
 from mnist_cnn.module import Classifier, checked_target, net_config
-from mnist_cnn.validate import ConfigError, file_in_the_way, run, task
+from mnist_cnn.validate import file_in_the_way, run, task
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,6 @@ class ExportWeights(L.Callback):
                     callback.on_save_checkpoint(trainer, pl_module, checkpoint)
         path = save_weights(checkpoint, Path(trainer.default_root_dir) / self.filename)
         log.info("wrote %s (weights of %s)", path, best or "the last epoch")
-
-
-class ExportError(RuntimeError):
-    """An export that does not reproduce the network; nothing is written."""
 
 
 def export_onnx(net: torch.nn.Module, path: str | Path, shape=(1, 28, 28)) -> float:

@@ -30,8 +30,9 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
-from mnist_cnn.data import DataError, MNISTDataModule, TensorMNIST
-from mnist_cnn.images import ImageError, open_image
+from mnist_cnn.data import MNISTDataModule, TensorMNIST
+from mnist_cnn.errors import DataError, ImageError
+from mnist_cnn.images import open_image
 
 log = logging.getLogger(__name__)
 

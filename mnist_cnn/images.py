@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnist_cnn.errors import ImageError, ImageTooLarge
+
 STYLES = ("mnist", "resize")
 NOT_REGULAR = {  # what a path is when it is not a regular file
     stat.S_IFIFO: "a FIFO (named pipe)",
@@ -23,21 +25,6 @@ NOT_REGULAR = {  # what a path is when it is not a regular file
     stat.S_IFBLK: "a block device",
     stat.S_IFSOCK: "a socket",
 }
-
-
-class ImageError(ValueError):
-    """An input that cannot be used as an image; the message names it and says why."""
-
-    def __init__(self, name: str, problem: str):
-        super().__init__(name, problem)
-        self.name, self.problem = name, problem
-
-    def __str__(self) -> str:
-        return f"{self.name}: {self.problem}"
-
-
-class ImageTooLarge(ImageError):
-    """An image over Pillow's pixel limit (a decompression bomb, or just too large)."""
 
 
 def _open_file(path: Path) -> io.BufferedReader:

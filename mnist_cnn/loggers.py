@@ -30,7 +30,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from mnist_cnn import runinfo
-from mnist_cnn.validate import ConfigError
+from mnist_cnn.errors import ConfigError, TrackerError
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,6 @@ def git_tags() -> dict[str, str]:
     return {
         k: str(v).lower() if isinstance(v, bool) else v for k, v in tags.items() if v is not None
     }
-
-
-class TrackerError(ConfigError):
-    """The tracker failed and the config says to stop (``on_error: stop``)."""
 
 
 class Guarded:

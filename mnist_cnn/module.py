@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection
 
-from mnist_cnn.validate import ConfigError
+from mnist_cnn.errors import TargetError
 
 ADAM = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.001}
 SEED_CNN = {"_target_": "mnist_cnn.model.build_cnn"}
@@ -36,10 +36,6 @@ ACCURACY = {
 }
 # what a network or metric may be told about the data, when its signature asks for it
 DATA_ARGS = ("in_channels", "num_classes", "image_size")
-
-
-class TargetError(ConfigError):
-    """A ``_target_`` that is not the kind of class the key needs."""
 
 
 def checked_target(config: dict, base: type, key: str):

@@ -22,9 +22,10 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
-from mnist_cnn.checkpoint import CheckpointError, load_model
-from mnist_cnn.images import ImageError, class_names, open_image, prepare, spec
-from mnist_cnn.validate import ConfigError, run, task
+from mnist_cnn.checkpoint import load_model
+from mnist_cnn.errors import CheckpointError, ConfigError, ImageError
+from mnist_cnn.images import class_names, open_image, prepare, spec
+from mnist_cnn.validate import run, task
 
 log = logging.getLogger(__name__)
 

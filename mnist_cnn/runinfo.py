@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_cnn import ROOT
-from mnist_cnn.validate import ConfigError
+from mnist_cnn.errors import ConfigError, RunInUse
 
 log = logging.getLogger(__name__)
 PENDING = ".hydra/pending"  # a resume's Hydra files, until the run starts (hydra_subdir)
@@ -82,10 +82,6 @@ def unlock_run(run_dir: str | Path) -> None:
     """Release ``run_dir``'s lock (its run has ended; a tune worker runs many in one process)."""
     if (fd := _held.pop(str(Path(run_dir) / LOCK), None)) is not None:
         os.close(fd)
-
-
-class RunInUse(ConfigError):
-    """Another live process trains in the run dir."""
 
 
 def _git(*args: str) -> str | None:

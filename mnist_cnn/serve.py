@@ -41,9 +41,10 @@ from omegaconf import DictConfig
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mnist_cnn.checkpoint import CheckpointError, load_model
-from mnist_cnn.images import ImageError, ImageTooLarge, class_names, open_image, prepare, spec
-from mnist_cnn.validate import ConfigError, run, task
+from mnist_cnn.checkpoint import load_model
+from mnist_cnn.errors import CheckpointError, ConfigError, ImageError, ImageTooLarge
+from mnist_cnn.images import class_names, open_image, prepare, spec
+from mnist_cnn.validate import run, task
 
 log = logging.getLogger(__name__)
 MAIN_PID = os.getpid()

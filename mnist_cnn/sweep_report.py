@@ -28,16 +28,14 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mnist_cnn.errors import SweepError
+
 log = logging.getLogger(__name__)
 
 SEED = "seed"  # jobs whose overrides differ only in this key are one setting
 STAGES = ("val", "test", "train")  # the metrics shown: <stage>/<name>, in this order
 FAILED = "job_failed.yaml"  # {error, kind} in a job dir: train.main's record of a failed job
 FAILED_JOBS: list[str] = []  # set when a sweep ends; train's entry point exits with their count
-
-
-class SweepError(RuntimeError):
-    """The folder is not a sweep dir; the message says what to pass instead."""
 
 
 def _value(text: str):
@@ -87,7 +85,8 @@ def job_metrics(job: Path) -> dict[str, float]:
 def checkpoint_metrics(path: Path) -> dict[str, float]:
     """Without a logger: the last epoch of the ``EpochSummary`` history kept in ``last.ckpt``
     and ``val/acc_best`` from its ``ModelCheckpoint`` on ``val/acc``."""
-    from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
+    from mnist_cnn.checkpoint import load_checkpoint
+    from mnist_cnn.errors import CheckpointError
 
     try:
         callbacks = load_checkpoint(path).get("callbacks", {})

@@ -45,19 +45,9 @@ from mnist_cnn.checkpoint import (
     check_weights,
     load_checkpoint,
 )
-from mnist_cnn.data import DataError
+from mnist_cnn.errors import ConfigError, DataError, StorageError, in_user_code, unwrap
 from mnist_cnn.module import logged_metrics, make_model, module_config, told_by
-from mnist_cnn.validate import (
-    ConfigError,
-    check,
-    check_metrics,
-    hydra_flags,
-    in_user_code,
-    out_of_memory,
-    run,
-    task,
-    unwrap,
-)
+from mnist_cnn.validate import check, check_metrics, hydra_flags, out_of_memory, run, task
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +257,6 @@ def _switched_off(callback: L.Callback, trainer: DictConfig) -> bool:
         "enable_model_summary": L.pytorch.callbacks.ModelSummary,
     }
     return any(trainer.get(k) is False and isinstance(callback, t) for k, t in kinds.items())
-
-
-class StorageError(OSError):
-    """A file of the run could not be written (full disk, a deleted or read-only run dir)."""
 
 
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOENT, errno.EFBIG)

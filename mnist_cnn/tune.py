@@ -41,27 +41,25 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from mnist_cnn import runinfo
-from mnist_cnn.callbacks import Diverged, Interrupted
-from mnist_cnn.checkpoint import CheckpointError, epochs_done, load_checkpoint
-from mnist_cnn.data import DataError
+from mnist_cnn.checkpoint import epochs_done, load_checkpoint
+from mnist_cnn.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Diverged,
+    Interrupted,
+    Lost,
+    TuneError,
+)
 from mnist_cnn.module import logged_metrics, make_model
 from mnist_cnn.train import build, train
-from mnist_cnn.validate import ConfigError, check_metrics, hydra_flags, run, task
+from mnist_cnn.validate import check_metrics, hydra_flags, run, task
 
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _RUNNING: dict[int, optuna.Trial] = {}  # trials training in this process, for Pruning
 _SIGTERM: list[int] = []  # a SIGTERM received between trials (tune's main only)
-
-
-class TuneError(ValueError):
-    """A search space or study setting that cannot work; the message says what to change."""
-
-
-class Lost(Exception):
-    """This worker's trial was failed by another one (no heartbeat for ``tune.grace_period``,
-    e.g. this process was paused) and queued to run again: this worker leaves it."""
 
 
 def lost(trial: optuna.Trial) -> bool:

@@ -17,23 +17,19 @@ import functools
 import os
 import re
 import sys
-import sysconfig
-import traceback
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import (
     ConfigCompositionException,
-    InstantiationException,
     MissingConfigException,
     OverrideParseException,
 )
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value or key that is not allowed; the message names it and what to do."""
+from mnist_cnn import sweep_report
+from mnist_cnn.errors import CheckpointError, ConfigError
 
 
 def _int(low: int):
@@ -330,7 +326,7 @@ def explain(error: BaseException) -> str | None:
             "Quote values with spaces or unusual characters: key='a value'."
         )
     for e in _chain(error):  # e.g. from a resolver of the run dir: resume=<a run with no ckpt>
-        if isinstance(e, ConfigError) or type(e).__name__ == "CheckpointError":
+        if isinstance(e, ConfigError | CheckpointError):
             return str(e)
     if "Unknown plugin class : 'hydra_plugins.mnist_cnn_launcher" in str(error):
         return (
@@ -353,23 +349,6 @@ def out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error) if isinstance(error, RuntimeError) else ""
     return "DefaultCPUAllocator" in text and ("can't allocate" in text or "not enough" in text)
-
-
-def in_user_code(error: BaseException) -> bool:
-    """Whether ``error`` was raised in a file outside the installed libraries and this package:
-    the user's own module, network, datamodule, metric, callback or logger."""
-    library_dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
-    library_dirs.add(str(Path(__file__).parent))
-    frames = traceback.extract_tb(error.__traceback__)  # from where it was caught to the raise
-    return any(not f.filename.startswith(tuple(library_dirs)) for f in frames)
-
-
-def unwrap(error: BaseException) -> BaseException:
-    """The error inside Hydra's ``InstantiationException`` wrappers, however deeply nested (a
-    network built inside a module built by ``instantiate``)."""
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    return error
 
 
 def _chain(error: BaseException):
@@ -403,8 +382,7 @@ def run(main) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
-        failed = getattr(sys.modules.get("mnist_cnn.sweep_report"), "FAILED_JOBS", None)
-        if failed:  # a -m sweep whose jobs ran; the report lists the failures
+        if failed := sweep_report.FAILED_JOBS:  # a -m sweep ran; the report lists the failed
             sys.exit(min(len(failed), 100))
     except Exception as e:
         message = explain(e)
