@@ -1,4 +1,4 @@
-"""python -m mnist_cnn.bench in its reduced mode, as a real subprocess."""
+"""python -m benchmarks.bench in its reduced mode, as a real subprocess."""
 
 import json
 import math
@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mnist_cnn.bench import VARIANTS, _cpu_flop_per_cycle, flop_per_sample
+from benchmarks.bench import VARIANTS, _cpu_flop_per_cycle, flop_per_sample
+from mnist_cnn import ROOT
 
 VARIANT_FIELDS = {
     "train_samples_per_s",
@@ -45,8 +46,8 @@ REPORT_FIELDS = {
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mnist_cnn.bench", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "benchmarks.bench", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 @pytest.mark.slow

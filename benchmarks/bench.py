@@ -15,9 +15,9 @@ optimizer's update): what a step spends outside it, (b) minus (c), is Lightning'
 step, measured without the jitter of the compute itself.
 Writes bench.json and bench.md.
 
-python -m mnist_cnn.bench                                   # about 6 minutes on 2 CPU cores
-python -m mnist_cnn.bench --batches 5 --repeats 1 --out /tmp/bench   # a smoke run
-python -m mnist_cnn.bench trainer.precision=32-true         # overrides for (b) and (c)
+python -m benchmarks.bench                                   # about 6 minutes on 2 CPU cores
+python -m benchmarks.bench --batches 5 --repeats 1 --out /tmp/bench   # a smoke run
+python -m benchmarks.bench trainer.precision=32-true         # overrides for (b) and (c)
 """
 
 import argparse
@@ -268,7 +268,7 @@ def run_lightning(args, out: str) -> dict:
             f"trainer.limit_val_batches={args.eval_batches or 1.0}",
             "trainer.num_sanity_val_steps=0",
             "test=false",
-            f"+callbacks.bench_timer={{_target_: mnist_cnn.bench.Timer, warmup: {args.warmup}}}",
+            f"+callbacks.bench_timer={{_target_: benchmarks.bench.Timer, warmup: {args.warmup}}}",
         )
         metrics = train(cfg)
         train_sps.append(metrics["bench/train_samples_per_s"])
@@ -367,7 +367,7 @@ def _child(variant: str, args, data_dir: str, out: str, queue) -> None:
 def run_variant(variant: str, args, data_dir: str, out: str) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    from mnist_cnn import bench  # not __main__: the child's Timer shares its ComputeClock
+    from benchmarks import bench  # not __main__: the child's Timer shares its ComputeClock
 
     proc = ctx.Process(target=bench._child, args=(variant, args, data_dir, out, queue))
     proc.start()
