@@ -431,9 +431,6 @@ class MNISTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.hparams.eval_batch_size)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Scale uint8 pixels to [0, 1] on the device, as ``ToTensor`` does per image (outside a
         Trainer the loaders yield uint8, which the module's ``forward`` scales the same way)."""

@@ -9,7 +9,6 @@ torch.Size([2, 10])
 
 import inspect
 import math
-import os
 import typing
 from typing import Any
 
@@ -34,8 +33,6 @@ ACCURACY = {
         "validate_args": False,
     }
 }
-# what a network or metric may be told about the data, when its signature asks for it
-DATA_ARGS = ("in_channels", "num_classes", "image_size")
 
 
 def checked_target(config: dict, base: type, key: str):
@@ -73,13 +70,6 @@ def net_config(hparams) -> dict:
     data = {"in_channels": hparams["channels"], "num_classes": len(hparams["classes"])}
     data["image_size"] = hparams["image_size"]
     return completed(dict(hparams["net"]), nn.Module, "model.net", data)
-
-
-# Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork-safe CUDA checks). Without a GPU, every
-# torch.cuda.is_available() then tries to load NVML, and torch's optimizers ask at every step
-# (0.25 ms of a 25 ms step here); with no GPU there is no CUDA state a fork could break.
-if not torch.cuda.is_available():
-    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
 
 
 def _plain(value: Any) -> Any:
@@ -244,11 +234,6 @@ class Classifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "test")
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        """Class probabilities for a batch of images (or of (images, labels))."""
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        return self(x).softmax(dim=-1)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or "acc" not in self.val_metrics:

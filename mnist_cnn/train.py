@@ -157,6 +157,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_batch_size(state, ckpt_path, OmegaConf.select(cfg, "data.batch_size"))
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
+    # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork-safe CUDA checks); without a GPU each
+    # torch.cuda.is_available() then loads NVML, and the optimizers ask at every step
+    if not torch.cuda.is_available():
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data), cfg)
     model = build("model", lambda: make_model(cfg, datamodule), cfg)
