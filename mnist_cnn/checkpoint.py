@@ -293,37 +293,3 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         # Lightning also reads its own temporary files here (ddp_spawn's weights)
         return load_checkpoint(path, map_location=map_location, lightning=".temp" not in str(path))
-
-
-def find_run(log_dir: str | Path, run: str | Path | bool = True) -> Path:
-    """The run dir to resume: ``run`` itself when it is a path, else the run under
-    ``<log_dir>/runs`` whose ``checkpoints/last.ckpt`` was written last.
-
-    >>> find_run("outputs")  # doctest: +SKIP
-    PosixPath('outputs/runs/2026-01-01_12-00-00_a1b2c3')
-    """
-    from mnist_cnn.runinfo import run_holder
-
-    if run is True:
-        lasts = sorted(Path(log_dir).glob("runs/*/checkpoints/last.ckpt"), key=os.path.getmtime)
-        idle = [p for p in lasts if run_holder(p.parents[1]) is None]  # never a live run
-        if not idle:
-            live = f" ({len(lasts)} in use by live processes)" if lasts else ""
-            raise CheckpointError(
-                f"resume=true found no run with checkpoints/last.ckpt in {log_dir}/runs{live}"
-                ". Start a new run (leave out resume), or name the run: resume=outputs/runs/<run>."
-            )
-        return idle[-1].parents[1]
-    run = Path(run)
-    if holder := run_holder(run):
-        raise CheckpointError(
-            f"Cannot resume {run}: {holder} is training in it. Wait for it to finish or stop it "
-            "(Ctrl-C saves last.ckpt), then resume."
-        )
-    last = run / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise CheckpointError(
-            f"Cannot resume {run}: {last} does not exist. Pass a run dir that holds "
-            "checkpoints/last.ckpt (resume=outputs/runs/<run>), or resume=true for the newest run."
-        )
-    return run

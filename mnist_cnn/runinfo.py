@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import platform
+import secrets
 import shlex
 import subprocess
 import sys
@@ -24,8 +25,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mnist_cnn import ROOT
-from mnist_cnn.errors import ConfigError, RunInUse
+from mnist_cnn import ROOT, fast_precision
+from mnist_cnn.errors import CheckpointError, ConfigError, RunInUse
 
 log = logging.getLogger(__name__)
 PENDING = ".hydra/pending"  # a resume's Hydra files, until the run starts (hydra_subdir)
@@ -264,3 +265,121 @@ class RunRecord(L.Callback):
         (Path(self.run_dir) / "job_failed.yaml").unlink(missing_ok=True)
         if self.resumed is not None and self.resumed[1]:
             write_resumed_files(self.run_dir, *self.resumed)
+
+
+RUN_ID = secrets.token_hex(3)  # one per process: two runs in the same second get two dirs
+STARTED = datetime.now()
+# torchrun calls the node rank GROUP_RANK; the run lock and rank-0 checks read NODE_RANK
+if "TORCHELASTIC_RUN_ID" in os.environ and "GROUP_RANK" in os.environ:
+    os.environ.setdefault("NODE_RANK", os.environ["GROUP_RANK"])
+
+
+def run_dir(resume, new_dir: str, log_dir: str) -> str:
+    """``hydra.run.dir``: ``new_dir``, or the run that ``resume`` names (``true``: the newest run
+    under ``<log_dir>/runs``), so a resume continues in its own dir with one composition. Under
+    torchrun every rank, on every node, takes rank 0's, so that all write one run dir."""
+    if _torchrun_rank() > 0:
+        return _torchrun_shared("run_dir")
+    if resume in (False, None, "false"):
+        return _torchrun_shared("run_dir", new_dir)
+    run = find_run(log_dir, True if resume in (True, "true") else resume).resolve()
+    return _torchrun_shared("run_dir", str(run))
+
+
+def hydra_subdir(resume) -> str | None:
+    """``hydra.output_subdir``: a resume's Hydra files wait in ``.hydra/pending`` until the run
+    starts (``runinfo.RunRecord``), so a resume that fails leaves the run's record as it was.
+    torchrun's ranks > 0 write none: rank 0 writes the run's."""
+    if _torchrun_rank() > 0:
+        return None
+    return ".hydra" if resume in (False, None, "false") else ".hydra/pending"
+
+
+def _torchrun_rank() -> int:
+    """This process's global rank under torchrun; 0 elsewhere (Lightning's own DDP processes
+    get their run dir and log name from Lightning)."""
+    return int(os.environ.get("RANK", "0")) if "TORCHELASTIC_RUN_ID" in os.environ else 0
+
+
+def job_name() -> str:
+    """``hydra.job.name`` (the log's name): Hydra's, e.g. ``train``; under torchrun, ranks > 0
+    log to ``train_ddp_process_<rank>.log`` as Lightning's own DDP processes do."""
+    from hydra.core.utils import JobRuntime
+
+    try:
+        name = JobRuntime.instance().get("name")
+    except KeyError:
+        name = "app"
+    return f"{name}_ddp_process_{rank}" if (rank := _torchrun_rank()) else name
+
+
+def run_name() -> str:
+    """A new run dir's name: ``<date>_<time>_<id>``, unique per process."""
+    return f"{STARTED:%Y-%m-%d_%H-%M-%S}_{RUN_ID}"
+
+
+def _torchrun_shared(key: str, value: str | None = None) -> str | None:
+    """Under torchrun with several processes: rank 0 puts ``value`` in torchrun's own store and
+    every other rank, on any node, waits for it; elsewhere ``value`` as it is."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return value
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    key = f"mnist_cnn/{key}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        store = TCPStore(host, port, is_master=False, timeout=timedelta(minutes=5))
+        if _torchrun_rank() == 0:
+            store.set(key, value)
+            return value
+        return store.get(key).decode()  # waits for rank 0
+    except Exception as e:  # rank 0 failed before it chose the run dir: its output says why
+        raise ConfigError(
+            f"Rank {_torchrun_rank()} did not get the run dir from rank 0 through torchrun's "
+            f"store at {host}:{port} ({type(e).__name__}); see node 0's output."
+        ) from None
+
+
+def find_run(log_dir: str | Path, run: str | Path | bool = True) -> Path:
+    """The run dir to resume: ``run`` itself when it is a path, else the run under
+    ``<log_dir>/runs`` whose ``checkpoints/last.ckpt`` was written last.
+
+    >>> find_run("outputs")  # doctest: +SKIP
+    PosixPath('outputs/runs/2026-01-01_12-00-00_a1b2c3')
+    """
+    if run is True:
+        lasts = sorted(Path(log_dir).glob("runs/*/checkpoints/last.ckpt"), key=os.path.getmtime)
+        idle = [p for p in lasts if run_holder(p.parents[1]) is None]  # never a live run
+        if not idle:
+            live = f" ({len(lasts)} in use by live processes)" if lasts else ""
+            raise CheckpointError(
+                f"resume=true found no run with checkpoints/last.ckpt in {log_dir}/runs{live}"
+                ". Start a new run (leave out resume), or name the run: resume=outputs/runs/<run>."
+            )
+        return idle[-1].parents[1]
+    run = Path(run)
+    if holder := run_holder(run):
+        raise CheckpointError(
+            f"Cannot resume {run}: {holder} is training in it. Wait for it to finish or stop it "
+            "(Ctrl-C saves last.ckpt), then resume."
+        )
+    last = run / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise CheckpointError(
+            f"Cannot resume {run}: {last} does not exist. Pass a run dir that holds "
+            "checkpoints/last.ckpt (resume=outputs/runs/<run>), or resume=true for the newest run."
+        )
+    return run
+
+
+# The resolvers conf/ uses (run dirs, the job's name, trainer.precision), registered when this
+# module is imported: every command imports it through mnist_cnn.validate.
+OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
+OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)
+OmegaConf.register_new_resolver("fast_precision", fast_precision, replace=True)
+OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT), replace=True)
+OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("job_name", job_name, replace=True)

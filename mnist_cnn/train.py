@@ -27,7 +27,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
-import mnist_cnn
 from mnist_cnn import CONFIG_DIR, runinfo
 from mnist_cnn.callbacks import (
     Diverged,
@@ -189,8 +188,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         runinfo.lock_run(cfg.paths.output_dir)  # DDP's other ranks share rank 0's dir
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
     if before is not None:  # Lightning composes its SIGTERM handler with the one it finds
-        loading = before is mnist_cnn._stopped_while_loading  # python -m's, not the user's
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if loading else before)
+        signal.signal(signal.SIGTERM, before)
     # Lightning ignores SIGINT after a Ctrl-C it handles (its exit) and restores it in a teardown
     # that may have run already (a Ctrl-C in on_fit_end): a notebook would ignore Ctrl-C after
     sigint = signal.getsignal(signal.SIGINT)

@@ -28,7 +28,7 @@ from hydra.errors import (
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mnist_cnn import sweep_report
+from mnist_cnn import runinfo, sweep_report  # noqa: F401 (runinfo registers conf/'s resolvers)
 from mnist_cnn.errors import CheckpointError, ConfigError
 
 
