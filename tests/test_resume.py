@@ -11,7 +11,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_faults import finish, start
 
-from mnist_cnn.checkpoint import find_run
+from mnist_cnn.runinfo import find_run
 
 EXACT = [
     "trainer.deterministic=true",
