@@ -1,15 +1,28 @@
-"""Shared fixtures: the real config tree, the real MNIST files, temporary run dirs."""
+"""Shared fixtures and helpers: the real config tree, the real MNIST files, temporary run dirs,
+the CLI runner, live training and serving processes, and awkward image files."""
 
+import contextlib
 import importlib
+import json
 import os
+import resource
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from PIL import Image
+from torchvision.datasets import MNIST
 
 from mnist_cnn import CONFIG_DIR, ROOT
 from mnist_cnn.data import RAW_FILES
@@ -35,17 +48,26 @@ def import_or_skip(name: str, why: str):
         pytest.fail(f"{why} ({e})", pytrace=False)
 
 
-def cli(command: str, *args: str, cwd: Path, code: int = 0) -> subprocess.CompletedProcess:
-    """``python -m mnist_cnn.<command> *args`` in ``cwd``, as a user runs it; its exit status
-    must be ``code``."""
+def cli(
+    command: str,
+    *args: str,
+    cwd: Path | None = None,
+    code: int | None = 0,
+    timeout: float = 600,
+    preexec_fn=None,
+) -> subprocess.CompletedProcess:
+    """``python -m mnist_cnn.<command> *args`` in ``cwd`` (default: here), as a user runs it; its
+    exit status must be ``code`` (``None``: any, for the caller to check)."""
     proc = subprocess.run(
         [sys.executable, "-m", f"mnist_cnn.{command}", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        timeout=600,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
     )
-    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert code is None or proc.returncode == code, f"exit {proc.returncode}, not {code}:\n{said}"
     return proc
 
 
@@ -265,3 +287,270 @@ def val_acc_twice(score_from: Path, model_from: Path, data_dir: Path, n: int = 4
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         correct = load_model(model_from)(x).argmax(-1) == y
     return float(score), correct.float().mean().item()
+
+
+# ---- training runs as live processes (Popen: for tests that signal, kill or race them) ----
+
+
+def start(tmp_path: Path, data_dir: Path, *args: str) -> subprocess.Popen:
+    """``python -m mnist_cnn.train`` under ``tmp_path``, output in a log file, not waited for."""
+    # a resume continues with its run's own settings: no FAST
+    log = open(tmp_path / f"out-{time.monotonic_ns()}.txt", "w+")  # noqa: SIM115 (read back)
+    fast = [] if any(a.startswith("resume=") for a in args) else FAST
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn.train", *fast, f"paths.log_dir={tmp_path}"]
+        + [f"data.data_dir={data_dir}", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    proc.log = log
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    """Wait for a ``start``-ed run: ``(exit status, its output)``."""
+    proc.wait(timeout=600)
+    proc.log.seek(0)
+    return proc.returncode, proc.log.read()
+
+
+def wait_until(proc: subprocess.Popen, condition, poll: float = 0.01, timeout: float = 600) -> None:
+    """Until ``condition()`` holds; fail, never hang, if the run ends or stalls first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail("the run ended too soon:\n" + finish(proc)[1][-3000:])
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"not reached in {timeout} s:\n" + finish(proc)[1][-3000:])
+        time.sleep(poll)
+
+
+def the_run(tmp_path: Path) -> Path:
+    """The one run dir under ``tmp_path/runs``."""
+    (run,) = (tmp_path / "runs").iterdir()
+    return run
+
+
+def last_ckpt(tmp_path: Path) -> Path:
+    """A run's ``last.ckpt`` under ``tmp_path/runs``, or a path that does not exist."""
+    runs = list((tmp_path / "runs").glob("*/checkpoints/last.ckpt"))
+    return runs[0] if runs else tmp_path / "none"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``(folder, preexec_fn)``: a 30 MB tmpfs (root), else a folder and a 30 MB file size limit."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)]
+    if shutil.which("mount") and subprocess.run(cmd, capture_output=True).returncode == 0:
+        yield disk, None
+        subprocess.run(["umount", str(disk)], check=True)
+    else:
+        limit = 30 * 2**20
+        yield disk, lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+# ---- tune ----
+
+TINY = [  # not debug=fast: that one saves no checkpoint
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "callbacks.progress_bar.refresh_rate=0",
+    "logger=none",
+]
+
+
+def tune_cfg(tmp_path, data_dir, *overrides):
+    """The ``tune`` config with ``TINY`` trials and one trial, writing into ``tmp_path``."""
+    base = [*TINY, f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}", "tune.n_trials=1"]
+    return compose_train(*base, *overrides, config_name="tune")
+
+
+# ---- images: user-style files, hostile PNGs, predict's output, a small trained checkpoint ----
+
+# what a camera stores for EXIF Orientation o, given the upright picture (exif_transpose undoes it)
+STORED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def photo(digit: np.ndarray) -> Image.Image:
+    """An MNIST digit as a phone would photograph it: dark ink on light paper, RGB, large."""
+    ink = Image.fromarray(255 - digit).resize((200, 200), Image.BILINEAR)
+    paper = Image.new("L", (300, 260), 255)
+    paper.paste(ink, (60, 20))
+    return Image.fromarray((np.asarray(paper) * 0.85 + 20).astype(np.uint8)).convert("RGB")
+
+
+def save_jpeg(image: Image.Image, path: Path, orientation: int | None = None) -> Path:
+    """``image`` as a JPEG; with ``orientation``, stored as a camera held that way stores it."""
+    exif = Image.Exif()
+    if orientation:
+        image = image.transpose(STORED[orientation]) if orientation in STORED else image
+        exif[0x0112] = orientation
+    image.save(path, "JPEG", quality=92, exif=exif.tobytes())
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """The PNG signature and an IHDR for an 8-bit grey image of that size."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+
+
+def bomb_png(width: int = 9500, height: int = 9500) -> bytes:
+    """A valid black 90-megapixel PNG (just over Pillow's limit, where it only warns) in 90 kB."""
+    deflate, row = zlib.compressobj(9), bytes(width + 1)  # filter byte + pixels
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    return _png_header(width, height) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def forged_png() -> bytes:
+    """A 1x1 PNG whose header claims 100000 x 100000 pixels (CRC fixed so it parses)."""
+    one = _png_chunk(b"IDAT", zlib.compress(b"\x00\x00"))
+    return _png_header(100_000, 100_000) + one + _png_chunk(b"IEND", b"")
+
+
+def parse(stdout: str) -> dict[str, tuple[str, int, float]]:
+    """predict's lines ``file  class  index  probability`` by file name."""
+    rows = (line.split("\t") for line in stdout.splitlines())
+    return {Path(f).name: (name, int(i), float(p)) for f, name, i, p in rows}
+
+
+def digits_as_png(data_dir: Path, folder: Path, labels: dict[int, str], per_class: int) -> None:
+    """Real MNIST training digits written as PNG files in class folders, as a user's data."""
+    mnist = MNIST(str(data_dir), train=True)
+    for digit, name in labels.items():
+        (folder / name).mkdir(parents=True)
+        found = (mnist.targets == digit).nonzero().flatten()[:per_class]
+        for i in found.tolist():
+            Image.fromarray(mnist.data[i].numpy()).save(folder / name / f"{i}.png")
+
+
+def small_checkpoint(tmp_path_factory, data_dir) -> Path:
+    """``last.ckpt`` of a run that reads digits (150 CPU batches, ~95%), trained once a session."""
+    out = tmp_path_factory.getbasetemp() / "small_run"
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        train(tiny_cfg(out, data_dir, "trainer.limit_train_batches=150"))
+    return ckpt
+
+
+# ---- python -m mnist_cnn.serve as a live server ----
+
+
+def start_server(ckpt: Path, cwd: Path, *overrides: str) -> tuple[subprocess.Popen, int]:
+    """``python -m mnist_cnn.serve`` on a free port, once it checked it can listen there."""
+    # the port is free when picked, but another process may take it before the server binds it
+    # (and answer /health in its place): then another port is tried
+    log = cwd / "serve.log"
+    for _ in range(5):
+        port = _free_port()
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mnist_cnn.serve",
+                    f"ckpt_path={ckpt}",
+                    f"port={port}",
+                    *overrides,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,  # its own process group: nothing is left behind
+            )
+        deadline = time.monotonic() + 240
+        # logged after serve's own check that the port is free, just before it listens
+        while f"the drawing page: http://127.0.0.1:{port}/" not in log.read_text():
+            if proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        else:
+            return proc, port
+        if f"port={port}: cannot listen on 127.0.0.1" not in log.read_text():
+            pytest.fail(f"the server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"no free port in 5 tries:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def serving(ckpt: Path, cwd: Path, *overrides: str):
+    """Yields the URL of a healthy server; then SIGTERM must stop all its processes in 60 s."""
+    proc, port = start_server(ckpt, cwd, *overrides)
+    log = cwd / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, log)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            stopped = proc.wait(timeout=60) is not None
+        except subprocess.TimeoutExpired:
+            stopped = False
+        leftovers = group_alive(proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert stopped and not leftovers, f"SIGTERM left processes running:\n{log.read_text()[-3000:]}"
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
+    """Until the server at ``url`` answers /health with ok (its workers are ready)."""
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None, f"the server exited {proc.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no answer on /health:\n{log.read_text()}"
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url + "/health", timeout=5) as response,
+        ):
+            if response.read() == b"ok":
+                return
+        time.sleep(0.5)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs (zombies excluded), after 30 s' grace."""
+    # the workers' own shutdown may take a while on a loaded machine
+    for _ in range(120):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.25)
+    return True
+
+
+def post(url: str, body: bytes, content_type: str | None = "image/png") -> tuple[int, dict]:
+    """(status, JSON answer) of ``POST url/predict``."""
+    request = urllib.request.Request(url + "/predict", data=body, method="POST")
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

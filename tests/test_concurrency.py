@@ -3,7 +3,7 @@
 import signal
 
 import pytest
-from test_faults import finish, last_ckpt, start, the_run, wait_until
+from conftest import finish, last_ckpt, start, the_run, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import FAST
+from conftest import finish, last_ckpt, start, the_run, wait_until
 
 from mnist_cnn import ROOT
 from mnist_cnn.callbacks import Diverged, FiniteCheck, Interrupted, LastCheckpoint
@@ -21,38 +20,6 @@ from mnist_cnn.checkpoint import CheckpointError, load_checkpoint
 from mnist_cnn.data import MNISTDataModule
 from mnist_cnn.module import Classifier
 from mnist_cnn.train import train
-
-
-def start(tmp_path: Path, data_dir: Path, *args: str) -> subprocess.Popen:
-    """``python -m mnist_cnn.train`` with runs under ``tmp_path/runs``, output in a log file; a
-    resume continues with its run's own settings."""
-    log = open(tmp_path / f"out-{time.monotonic_ns()}.txt", "w+")  # noqa: SIM115 (read back)
-    fast = [] if any(a.startswith("resume=") for a in args) else FAST
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_cnn.train", *fast, f"paths.log_dir={tmp_path}"]
-        + [f"data.data_dir={data_dir}", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    proc.log = log
-    return proc
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
-    proc.wait(timeout=600)
-    proc.log.seek(0)
-    return proc.returncode, proc.log.read()
-
-
-def wait_until(proc: subprocess.Popen, condition, poll: float = 0.01, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout  # fail, never hang, if the run stalls
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail("the run ended too soon:\n" + finish(proc)[1][-3000:])
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"not reached in {timeout} s:\n" + finish(proc)[1][-3000:])
-        time.sleep(poll)
 
 
 def stopped(proc: subprocess.Popen) -> bool:
@@ -81,21 +48,11 @@ def kill_when(proc: subprocess.Popen, condition, poll: float = 0.01) -> None:
         proc.send_signal(signal.SIGCONT)
 
 
-def the_run(tmp_path: Path) -> Path:
-    (run,) = (tmp_path / "runs").iterdir()
-    return run
-
-
 def step(path: Path) -> int:
     """The global step of a checkpoint, -1 while there is none."""
     if not path.exists():
         return -1
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-
-
-def last_ckpt(tmp_path: Path) -> Path:
-    runs = list((tmp_path / "runs").glob("*/checkpoints/last.ckpt"))
-    return runs[0] if runs else tmp_path / "none"
 
 
 @pytest.mark.slow

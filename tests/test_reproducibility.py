@@ -7,7 +7,7 @@ from importlib.metadata import version
 import pytest
 import torch
 import yaml
-from test_faults import finish, start
+from conftest import finish, start
 
 from mnist_cnn import fast_precision, runinfo
 

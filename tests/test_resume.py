@@ -2,14 +2,12 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
+from conftest import cli, finish, start
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_faults import finish, start
 
 from mnist_cnn.runinfo import find_run
 
@@ -94,27 +92,18 @@ def test_resume_true_picks_the_run_whose_last_ckpt_is_newest(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_with_the_old_overrides_and_the_new_ones_win(tmp_path, data_dir):
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "mnist_cnn.train", f"paths.log_dir={tmp_path}", *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=tmp_path,
-        )
-
+    here = f"paths.log_dir={tmp_path}"
     tiny = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "test=false"]
     tiny += [f"data.data_dir={data_dir}", "callbacks.progress_bar.refresh_rate=0"]
     old = ["data.batch_size=32", "model.net.dropout=0.3", "trainer.max_epochs=1"]
-    first = cli(*tiny, *old)
-    assert first.returncode == 0, first.stderr
+    cli("train", here, *tiny, *old, cwd=tmp_path)
     (run,) = (tmp_path / "runs").iterdir()
-    refused = cli("resume=true", "model/net=lenet5", "trainer.max_epochs=2")
+    new_group = ["resume=true", "model/net=lenet5", "trainer.max_epochs=2"]
+    refused = cli("train", here, *new_group, cwd=tmp_path, code=2)
     said = refused.stdout + refused.stderr
-    assert refused.returncode == 2 and "a resume keeps the run's groups" in said
+    assert "a resume keeps the run's groups" in said
     assert "Traceback" not in said
-    again = cli("resume=true", "trainer.max_epochs=2")
-    assert again.returncode == 0, again.stderr
+    cli("train", here, "resume=true", "trainer.max_epochs=2", cwd=tmp_path)
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]  # its own dir
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     assert config["data"]["batch_size"] == 32 and config["model"]["net"]["dropout"] == 0.3

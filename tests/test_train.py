@@ -3,8 +3,8 @@
 import lightning as L
 import pytest
 import torch
+from conftest import finish, start
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_faults import finish, start
 
 from mnist_cnn.module import Classifier
 from mnist_cnn.train import train
