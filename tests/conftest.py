@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision.datasets import MNIST
 
 from mnist_cnn import CONFIG_DIR, ROOT
-from mnist_cnn.data import RAW_FILES
+from mnist_cnn.mnist_files import RAW_FILES
 from mnist_cnn.train import train
 
 IN_CI = os.environ.get("CI", "").lower() == "true"

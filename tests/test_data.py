@@ -17,14 +17,9 @@ from conftest import need
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torchvision.datasets import MNIST
 
-from mnist_cnn.data import (
-    RAW_FILES,
-    DataError,
-    MNISTDataModule,
-    ResumableLoader,
-    _idx_problem,
-    prepare_mnist,
-)
+from mnist_cnn.data import MNISTDataModule, ResumableLoader
+from mnist_cnn.errors import DataError
+from mnist_cnn.mnist_files import RAW_FILES, _idx_problem, prepare_mnist
 
 
 def raw_images(data_dir, name="train-images-idx3-ubyte"):

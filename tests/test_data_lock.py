@@ -14,7 +14,7 @@ import time
 import pytest
 from torchvision.datasets import MNIST
 
-from mnist_cnn.data import RAW_FILES, _idx_problem, prepare_mnist, raw_problems
+from mnist_cnn.mnist_files import RAW_FILES, _idx_problem, prepare_mnist, raw_problems
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_four_processes_prepare_an_empty_data_dir_at_once(data_dir, tmp_path):
     # forkserver: children fork from a clean server that imported mnist_cnn.data once (fast,
     # and safe after this process has used torch's threads, unlike a plain fork)
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["mnist_cnn.data", "torchvision.datasets"])
+    ctx.set_forkserver_preload(["mnist_cnn.mnist_files", "torchvision.datasets"])
     barrier = ctx.Barrier(4)
     procs = [ctx.Process(target=_prepare, args=(barrier, str(tmp_path))) for _ in range(4)]
     for p in procs:

@@ -17,7 +17,7 @@ from test_images import forged_png
 from test_make_it_yours import digits_as_png
 from torchvision.datasets import MNIST
 
-from mnist_cnn.data import DataError
+from mnist_cnn.errors import DataError
 from mnist_cnn.image_folder import ImageFolderDataModule
 
 LABELS = {0: "0", 1: "1", 2: "2"}
