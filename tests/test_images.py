@@ -3,44 +3,18 @@
 
 import os
 import socket
-import struct
-import subprocess
-import sys
 import time
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import bomb_png, cli, forged_png, parse, photo, save_jpeg, small_checkpoint
 from PIL import Image
 from torchvision.datasets import MNIST
 
 from mnist_cnn.images import ImageError, class_names, open_image, prepare, spec
-from mnist_cnn.train import train
 
-# what a camera stores for EXIF Orientation o, given the upright picture (exif_transpose undoes it)
-STORED = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def small_checkpoint(tmp_path_factory, data_dir) -> Path:
-    """``last.ckpt`` of a run that reads digits (150 CPU batches, ~95% test accuracy, ~15 s),
-    trained once per session and shared with test_serve.py and test_page.py."""
-    out = tmp_path_factory.getbasetemp() / "small_run"
-    ckpt = out / "checkpoints" / "last.ckpt"
-    if not ckpt.exists():
-        train(tiny_cfg(out, data_dir, "trainer.limit_train_batches=150"))
-    return ckpt
 
 
 @pytest.fixture(scope="module")
@@ -63,72 +37,6 @@ def named_ckpt(ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mnist_test(data_dir):
     return MNIST(str(data_dir), train=False)
-
-
-def photo(digit: np.ndarray) -> Image.Image:
-    """An MNIST digit as a phone would photograph it: dark ink on light paper, RGB, large."""
-    ink = Image.fromarray(255 - digit).resize((200, 200), Image.BILINEAR)
-    paper = Image.new("L", (300, 260), 255)
-    paper.paste(ink, (60, 20))
-    return Image.fromarray((np.asarray(paper) * 0.85 + 20).astype(np.uint8)).convert("RGB")
-
-
-def save_jpeg(image: Image.Image, path: Path, orientation: int | None = None) -> Path:
-    """``image`` as a JPEG; with ``orientation``, stored the way a camera held that way stores
-    it, with the EXIF Orientation tag that makes it upright."""
-    exif = Image.Exif()
-    if orientation:
-        image = image.transpose(STORED[orientation]) if orientation in STORED else image
-        exif[0x0112] = orientation
-    image.save(path, "JPEG", quality=92, exif=exif.tobytes())
-    return path
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_header(width: int, height: int) -> bytes:
-    """The PNG signature and an IHDR for an 8-bit grey image of that size."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-
-
-def bomb_png(width: int = 9500, height: int = 9500) -> bytes:
-    """A real, valid black PNG of ``width`` x ``height`` (90 megapixels: just over Pillow's
-    limit, where Pillow only warns) in about 90 kB, written without holding it in memory."""
-    deflate, row = zlib.compressobj(9), bytes(width + 1)  # filter byte + pixels
-    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
-    return png_header(width, height) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
-
-
-def forged_png() -> bytes:
-    """A 1x1 PNG whose header claims 100000 x 100000 pixels (CRC fixed so it parses)."""
-    one = png_chunk(b"IDAT", zlib.compress(b"\x00\x00"))
-    return png_header(100_000, 100_000) + one + png_chunk(b"IEND", b"")
-
-
-def predict_cli(ckpt: Path, *inputs, cwd: Path) -> subprocess.CompletedProcess:
-    """The real predict command; a FIFO that blocked it would hit the timeout (a failure)."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mnist_cnn.predict",
-            f"ckpt_path={ckpt}",
-            f"inputs=[{','.join(map(str, inputs))}]",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
-
-
-def parse(stdout: str) -> dict[str, tuple[str, int, float]]:
-    """predict's lines ``file  class  index  probability`` by file name."""
-    rows = (line.split("\t") for line in stdout.splitlines())
-    return {Path(f).name: (name, int(i), float(p)) for f, name, i, p in rows}
 
 
 def test_every_exif_orientation_is_undone(mnist_test, tmp_path):
@@ -164,8 +72,9 @@ def test_predict_reads_phone_jpegs_upright_from_their_exif_orientation(
         turned = np.asarray(open_image(folder / f"{i:02d}_turned.jpg"), np.float32)
         assert turned.shape == upright.shape and np.abs(turned - upright).mean() < 2, i
 
-    proc = predict_cli(named_ckpt, folder, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli(
+        "predict", f"ckpt_path={named_ckpt}", f"inputs=[{folder}]", cwd=tmp_path, timeout=120
+    )
     answers = parse(proc.stdout)
     assert len(answers) == 24
     for i in range(12):
@@ -243,9 +152,10 @@ def test_predict_reports_fifos_folders_devices_and_bombs_by_name_and_reads_the_r
     (folder / "forged.png").write_bytes(forged_png())
 
     start = time.monotonic()
-    proc = predict_cli(ckpt, folder, folder / "x.png", "/dev/null", cwd=tmp_path)
+    inputs = f"inputs=[{folder},{folder / 'x.png'},/dev/null]"
+    # a FIFO that blocked predict would hit the timeout (a failure)
+    proc = cli("predict", f"ckpt_path={ckpt}", inputs, cwd=tmp_path, code=1, timeout=120)
     assert time.monotonic() - start < 90
-    assert proc.returncode == 1, proc.stderr[-3000:]
     answers = parse(proc.stdout)
     assert answers.keys() == {"good.png", "good16.png"}
     assert answers["good16.png"] == answers["good.png"]  # the 16-bit copy reads the same

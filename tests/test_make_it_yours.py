@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, digits_as_png
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import MNIST
@@ -19,16 +19,6 @@ from mnist_cnn.checkpoint import load_model
 
 USER_CODE = Path(__file__).parent / "user_code"
 QUIET = ["callbacks.progress_bar.refresh_rate=0", "trainer.accelerator=cpu"]
-
-
-def digits_as_png(data_dir: Path, folder: Path, labels: dict[int, str], per_class: int) -> None:
-    """Real MNIST training digits written as PNG files in class folders, as a user's data."""
-    mnist = MNIST(str(data_dir), train=True)
-    for digit, name in labels.items():
-        (folder / name).mkdir(parents=True)
-        found = (mnist.targets == digit).nonzero().flatten()[:per_class]
-        for i in found.tolist():
-            Image.fromarray(mnist.data[i].numpy()).save(folder / name / f"{i}.png")
 
 
 @pytest.mark.slow

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import import_or_skip, need
+from conftest import import_or_skip, need, post, serving, small_checkpoint
 from PIL import Image
-from test_images import small_checkpoint
-from test_serve import post, serving
 
+import_or_skip("litserve", "the serve extra: pip install -e '.[serve]'")
 webdriver = import_or_skip("selenium.webdriver", "the dev extra installs selenium")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.actions.action_builder import ActionBuilder  # noqa: E402

@@ -9,21 +9,31 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import import_or_skip
+from conftest import (
+    bomb_png,
+    cli,
+    forged_png,
+    group_alive,
+    import_or_skip,
+    parse,
+    photo,
+    post,
+    save_jpeg,
+    serving,
+    small_checkpoint,
+    start_server,
+    wait_healthy,
+)
 from PIL import Image
-from test_images import bomb_png, forged_png, parse, photo, predict_cli, save_jpeg, small_checkpoint
 from torchvision.datasets import MNIST
 
 pytestmark = pytest.mark.slow
@@ -34,124 +44,6 @@ MAX_BYTES = 1_000_000  # the server's max_bytes in these tests
 MAX_PIXELS = 1_000_000  # its max_pixels
 MAX_CONNECTIONS = 50  # its max_connections (the concurrency test opens 36)
 REQUEST_TIMEOUT = 5  # its request_timeout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_cli(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.serve", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-    )
-
-
-def start_server(ckpt: Path, cwd: Path, *overrides: str) -> tuple[subprocess.Popen, int]:
-    """``python -m mnist_cnn.serve`` on a free port, once it has checked that it can listen
-    there: ``(process, port)``. The port is free when picked, but another process may take it
-    before the server binds it (and answer /health in its place): then another port is tried."""
-    log = cwd / "serve.log"
-    for _ in range(5):
-        port = free_port()
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mnist_cnn.serve",
-                    f"ckpt_path={ckpt}",
-                    f"port={port}",
-                    *overrides,
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                start_new_session=True,  # its own process group: nothing is left behind
-            )
-        deadline = time.monotonic() + 240
-        # logged after serve's own check that the port is free, just before it listens
-        while f"the drawing page: http://127.0.0.1:{port}/" not in log.read_text():
-            if proc.poll() is not None:
-                break
-            if time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        else:
-            return proc, port
-        if f"port={port}: cannot listen on 127.0.0.1" not in log.read_text():
-            pytest.fail(f"the server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-    pytest.fail(f"no free port in 5 tries:\n{log.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def serving(ckpt: Path, cwd: Path, *overrides: str):
-    """``python -m mnist_cnn.serve`` on a free port until it answers /health; yields its URL.
-    Afterwards SIGTERM must stop it and all its processes (LitServe's workers) within 60 s."""
-    proc, port = start_server(ckpt, cwd, *overrides)
-    log = cwd / "serve.log"
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, url, log)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            stopped = proc.wait(timeout=60) is not None
-        except subprocess.TimeoutExpired:
-            stopped = False
-        leftovers = group_alive(proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert stopped and not leftovers, f"SIGTERM left processes running:\n{log.read_text()[-3000:]}"
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    """Until the server at ``url`` answers /health with ok (its workers are ready)."""
-    deadline = time.monotonic() + 240
-    while True:
-        assert proc.poll() is None, f"the server exited {proc.returncode}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no answer on /health:\n{log.read_text()}"
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(url + "/health", timeout=5) as response,
-        ):
-            if response.read() == b"ok":
-                return
-        time.sleep(0.5)
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether a process of the group still runs (zombies excluded), after 30 s' grace: its
-    workers' own shutdown may take a while on a loaded machine."""
-    for _ in range(120):
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        time.sleep(0.25)
-    return True
-
-
-def post(url: str, body: bytes, content_type: str | None = "image/png") -> tuple[int, dict]:
-    """(status, JSON answer) of ``POST url/predict``."""
-    request = urllib.request.Request(url + "/predict", data=body, method="POST")
-    if content_type:
-        request.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def as_json(data: bytes, prefix: str = "") -> bytes:
@@ -180,8 +72,7 @@ def digits(ckpt, data_dir, tmp_path_factory):
             save_jpeg(photo(digit), folder / f"{i:02d}.jpg", orientation=6)
         else:
             Image.fromarray((255 - digit).astype(np.uint16) * 257).save(folder / f"{i:02d}.png")
-    proc = predict_cli(ckpt, folder, cwd=folder)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli("predict", f"ckpt_path={ckpt}", f"inputs=[{folder}]", cwd=folder, timeout=120)
     answers = parse(proc.stdout)
     assert len(answers) == 32
     return {folder / name: answer for name, answer in answers.items()}
@@ -291,9 +182,8 @@ def test_bad_settings_and_checkpoints_are_one_line_and_exit_2(ckpt, tmp_path):
         if not torch.cuda.is_available():
             cases.append(([f"ckpt_path={ckpt}", "accelerator=cuda"], "torch sees no CUDA GPU"))
         for args, words in cases:
-            proc = serve_cli(*args, cwd=tmp_path)
+            proc = cli("serve", *args, cwd=tmp_path, code=2, timeout=300)
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
-            assert proc.returncode == 2, proc.stderr[-3000:]
             assert len(lines) == 1 and words in lines[0], (words, proc.stderr)
     assert sorted(tmp_path.iterdir()) == [bogus]
 
