@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from conftest import need
+from conftest import cli, need
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torchvision.datasets import MNIST
 
@@ -184,12 +184,6 @@ def test_a_file_in_the_data_dirs_place_is_named(tmp_path, data, words):
     assert "data.data_dir=" in message and "writable" not in message
 
 
-def run_data_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.data", *args], capture_output=True, text=True, timeout=300
-    )
-
-
 def test_idx_file_with_the_wrong_magic_number_is_rebuilt_from_gz(data_dir, tmp_path):
     raw = copy_raw(data_dir, tmp_path)
     prepare_mnist(tmp_path)
@@ -261,8 +255,7 @@ def test_data_cli_names_a_damaged_gz_and_the_fix(data_dir, tmp_path, damage):
     else:
         data[100] ^= 0x01
     gz.write_bytes(bytes(data))
-    proc = run_data_cli("--data-dir", str(tmp_path))
-    assert proc.returncode == 2
+    proc = cli("data", "--data-dir", str(tmp_path), code=2, timeout=300)
     assert "train-labels-idx1-ubyte.gz: MD5" in proc.stderr and "MNIST_DATA_DIR" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
@@ -273,8 +266,7 @@ def test_data_cli_rebuilds_a_damaged_extracted_file(data_dir, tmp_path):
     prepare_mnist(tmp_path)
     images = raw / "t10k-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:-1])  # one byte short
-    proc = run_data_cli("--data-dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
+    proc = cli("data", "--data-dir", str(tmp_path), timeout=300)
     assert "rebuilding t10k-images-idx3-ubyte" in proc.stderr
     assert images.stat().st_size == RAW_FILES["t10k-images-idx3-ubyte"][1]
 
@@ -283,8 +275,8 @@ def test_data_cli_rebuilds_a_damaged_extracted_file(data_dir, tmp_path):
 def test_data_cli_says_a_data_dir_that_is_a_file_is_no_folder(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    proc = run_data_cli("--data-dir", str(blocker))
-    assert proc.returncode == 2 and "it is a file, not a folder. Pass a folder" in proc.stderr
+    proc = cli("data", "--data-dir", str(blocker), code=2, timeout=300)
+    assert "it is a file, not a folder. Pass a folder" in proc.stderr
     assert "Traceback" not in proc.stderr and "writable" not in proc.stderr
 
 
@@ -301,8 +293,10 @@ def test_data_cli_names_a_bad_from_folder_and_copies_nothing(data_dir, tmp_path,
             shutil.copy(raw / f"{name}.gz", src)
         gz = src / "train-labels-idx1-ubyte.gz"
         gz.write_bytes(gz.read_bytes()[:1000])  # truncated
-    proc = run_data_cli("--data-dir", str(tmp_path / "data"), "--from", str(src))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    proc = cli(
+        "data", "--data-dir", str(tmp_path / "data"), "--from", str(src), code=2, timeout=300
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
     problem, fix = {
         "missing": (f"--from {src} does not exist", "Pass the folder that holds them"),
         "empty": (f"--from {src} holds none of the four", "Pass the folder that holds them"),
@@ -328,8 +322,7 @@ def test_an_extracted_file_corrupted_at_the_same_size_is_rebuilt(data_dir, tmp_p
     if damage == "one pixel flipped":
         bad[len(bad) // 2] ^= 0xFF
     (raw / name).write_bytes(bytes(bad))  # the same size and magic number: only content differs
-    proc = run_data_cli("--data-dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
+    proc = cli("data", "--data-dir", str(tmp_path), timeout=300)
     assert f"rebuilding {name} from its .gz (corrupted: its SHA-256 is not MNIST's)" in proc.stderr
     assert (raw / name).read_bytes() == good and not leftovers(raw)
     dm = MNISTDataModule(str(tmp_path))
@@ -389,21 +382,6 @@ def test_a_stalled_download_times_out_with_the_fix(data_dir, tmp_path, stalled_m
     assert after == before  # the good files kept, no half-downloaded file nor temporary folder
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """``(folder, preexec_fn)``: a 30 MB tmpfs mounted at ``folder`` where mounting is allowed
-    (root), else a plain folder and a 30 MB file size limit for the child (write fails EFBIG)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    cmd = ["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)]
-    if shutil.which("mount") and subprocess.run(cmd, capture_output=True).returncode == 0:
-        yield disk, None
-        subprocess.run(["umount", str(disk)], check=True)
-    else:
-        limit = 30 * 2**20
-        yield disk, lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["extracting", "copying"])
 def test_a_full_disk_is_named_and_leaves_no_partial_file(data_dir, tmp_path, small_disk, step):
@@ -419,14 +397,8 @@ def test_a_full_disk_is_named_and_leaves_no_partial_file(data_dir, tmp_path, sma
     else:
         copy_raw(data_dir, disk)
         args = []
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.data", "--data-dir", str(disk), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=preexec,
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    proc = cli("data", "--data-dir", str(disk), *args, code=2, timeout=300, preexec_fn=preexec)
+    assert "Traceback" not in proc.stderr, proc.stderr
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"error: No room on the disk for MNIST in {disk} while {step} train-")
     assert "Free some space on that disk, or point to another folder" in line
@@ -459,13 +431,7 @@ def test_an_unreadable_file_is_named_with_the_fix(data_dir, tmp_path, which):
         args += ["--from", str(tmp_path / "from")]
     unreadable.chmod(0)
     preexec = drop_file_permission_override if os.geteuid() == 0 else None
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.data", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=preexec,
-    )
+    proc = cli("data", *args, code=None, timeout=300, preexec_fn=preexec)  # 99: checked below
     need(proc.returncode != 99, "cannot drop root's file permission override (CAP_SETPCAP)")
     unreadable.chmod(0o644)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

@@ -9,13 +9,14 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_cfg
-from test_data import small_disk  # noqa: F401 (a fixture: a 30 MB tmpfs, else a size limit)
+from conftest import cli, tiny_cfg
 
 from mnist_cnn.checkpoint import CheckpointError, load_model
 from mnist_cnn.train import train
 
 pytestmark = pytest.mark.slow
+
+QUIET = "callbacks.progress_bar.refresh_rate=0"
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +24,6 @@ def real_ckpt(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("real")
     train(tiny_cfg(out, data_dir, "test=false"))
     return out / "checkpoints" / "last.ckpt"
-
-
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """``python -m mnist_cnn.train *args`` with no progress bar; its output captured."""
-    cmd = [sys.executable, "-m", "mnist_cnn.train", "callbacks.progress_bar.refresh_rate=0"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=600, **kwargs)
 
 
 def crafted(real_ckpt, tmp_path, **changes):
@@ -73,29 +68,26 @@ def test_a_huge_network_in_a_checkpoint_allocates_nothing(real_ckpt, tmp_path):
     net = torch.load(real_ckpt, weights_only=True)["hyper_parameters"]["net"]
     path = crafted(real_ckpt, tmp_path, net=net | {"hidden": 10**6})  # 9 GB if built
     for command, extra in (("eval", []), ("predict", [f"inputs=[{tmp_path}]"]), ("export", [])):
-        proc = subprocess.run(
-            [sys.executable, "-m", f"mnist_cnn.{command}", f"ckpt_path={path}", *extra],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-        )
+        proc = cli(command, f"ckpt_path={path}", *extra, cwd=tmp_path, code=2, timeout=120)
         said = proc.stdout + proc.stderr
-        assert proc.returncode == 2 and "Traceback" not in said, said[-2000:]
+        assert "Traceback" not in said, said[-2000:]
         assert "do not fit its module Classifier (net.fc1" in said
 
 
-def test_a_full_disk_during_a_checkpoint_save_is_one_line(small_disk, data_dir):  # noqa: F811
+def test_a_full_disk_during_a_checkpoint_save_is_one_line(small_disk, data_dir):
     disk, limit = small_disk  # 30 MB: the first last.ckpt (weights and Adam) does not fit
     proc = cli(
+        "train",
+        QUIET,
         *("trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1"),
         *("trainer.accelerator=cpu", "logger=none"),
         f"paths.log_dir={disk}",
         f"data.data_dir={data_dir}",
+        code=2,
         preexec_fn=limit,
     )
     said = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and "Traceback" not in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
     assert "Cannot write" in said and "Free some space" in said
     assert not list(disk.rglob("*.partial"))
     # the first save failed: no "last complete checkpoint is kept", as there is none
@@ -114,13 +106,15 @@ def test_out_of_memory_names_the_batch_size_to_lower(tmp_path, data_dir):
         resource.setrlimit(resource.RLIMIT_AS, (10 * 2**30, 10 * 2**30))
 
     proc = cli(
+        "train",
+        QUIET,
         *("trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=1"),
         *("trainer.num_sanity_val_steps=0", "data.batch_size=50000", "test=false"),
         f"paths.log_dir={tmp_path}",
         f"data.data_dir={data_dir}",
+        code=2,
         preexec_fn=ten_gib,
     )
-    assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "Out of memory: lower data.batch_size (now 50000)" in proc.stdout
 
@@ -146,7 +140,7 @@ def test_a_run_dir_deleted_while_training_is_one_line_and_its_resume_says_what_t
     assert f"ckpt_path={last} with the run's settings continues from it" in out
     assert torch.load(last, weights_only=True)["epoch"] >= 1  # saved again as the run stopped
 
-    again = cli(f"resume={run}")  # its settings went with it: a new run from its checkpoint
-    assert again.returncode == 2, again.stderr[-2000:]
+    # its settings went with it: a new run from its checkpoint
+    again = cli("train", QUIET, f"resume={run}", code=2)
     assert f"Cannot resume {run}: its settings" in again.stdout + again.stderr
     assert f"ckpt_path={run}/checkpoints/last.ckpt" in again.stdout + again.stderr
