@@ -8,24 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FAST
-
-
-def run_train(*args, cwd=None, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.train", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+from conftest import FAST, cli
 
 
 def test_cli_run_with_overrides_makes_one_run_dir(tmp_path, data_dir):
-    proc = run_train(
+    proc = cli(
+        "train",
         *FAST,
         f"paths.log_dir={tmp_path}",
         f"data.data_dir={data_dir}",
@@ -58,7 +46,8 @@ def test_two_runs_in_the_same_second_get_two_dirs(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_multirun_gives_each_job_its_own_dir(tmp_path, data_dir):
-    run_train(
+    cli(
+        "train",
         "-m",
         *FAST,
         f"paths.log_dir={tmp_path}",
@@ -77,27 +66,26 @@ def test_multirun_gives_each_job_its_own_dir(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_missing_data_is_one_clear_paragraph_not_a_traceback(tmp_path):
-    proc = run_train(
-        *FAST, f"paths.log_dir={tmp_path}", f"data.data_dir={tmp_path}/empty", check=False
+    proc = cli(
+        "train", *FAST, f"paths.log_dir={tmp_path}", f"data.data_dir={tmp_path}/empty", code=2
     )
-    assert proc.returncode == 2
     assert "train-images-idx3-ubyte.gz" in proc.stderr + proc.stdout
     assert "MNIST_DATA_DIR" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_a_misspelt_override_is_refused(tmp_path):
-    proc = run_train(*FAST, f"paths.log_dir={tmp_path}", "trainer.max_epoch=1", check=False)
-    assert proc.returncode != 0 and "max_epoch" in proc.stderr
+    proc = cli("train", *FAST, f"paths.log_dir={tmp_path}", "trainer.max_epoch=1", code=2)
+    assert "max_epoch" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
 def test_hydras_own_flags_work(tmp_path):
-    job = run_train("--cfg", "job", "trainer.max_epochs=3", cwd=tmp_path)
+    job = cli("train", "--cfg", "job", "trainer.max_epochs=3", cwd=tmp_path)
     assert yaml.safe_load(job.stdout)["trainer"]["max_epochs"] == 3
-    assert "model/net: lenet5, seed_cnn" in run_train("--help", cwd=tmp_path).stdout
-    assert "Defaults List" in run_train("--info", "defaults", cwd=tmp_path).stdout
+    assert "model/net: lenet5, seed_cnn" in cli("train", "--help", cwd=tmp_path).stdout
+    assert "Defaults List" in cli("train", "--info", "defaults", cwd=tmp_path).stdout
     script = Path(sys.executable).parent / "mnist-train"  # the console script: completion
     done = subprocess.run(
         [script, "--shell-completion", "query=bash"],
@@ -116,7 +104,8 @@ def test_sweep_syntax_glob_range_and_a_users_own_group_file(tmp_path, data_dir):
     mine = tmp_path / "my_conf" / "experiment"
     mine.mkdir(parents=True)
     (mine / "tiny.yaml").write_text("# @package _global_\nmodel:\n  net:\n    hidden: 16\n")
-    run_train(
+    cli(
+        "train",
         "-m",
         "--config-dir",
         str(tmp_path / "my_conf"),
@@ -137,10 +126,10 @@ def test_sweep_syntax_glob_range_and_a_users_own_group_file(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_a_debug_run_is_small_and_never_the_one_resume_picks(tmp_path, data_dir):
-    run_train("debug=fast", f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}")
+    cli("train", "debug=fast", f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}")
     assert not (tmp_path / "runs").exists()
     (run,) = (tmp_path / "debug").iterdir()
     assert not list(run.rglob("*.ckpt")) and (run / "figures" / "predictions.png").exists()
     assert sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) < 20_000_000
-    resume = run_train("resume=true", f"paths.log_dir={tmp_path}", check=False)
-    assert resume.returncode == 2 and "found no run" in resume.stderr
+    resume = cli("train", "resume=true", f"paths.log_dir={tmp_path}", code=2)
+    assert "found no run" in resume.stderr

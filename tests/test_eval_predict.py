@@ -1,12 +1,9 @@
 """python -m mnist_cnn.eval and python -m mnist_cnn.predict as real processes, real checkpoints."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, compose_train
+from conftest import FAST, cli, compose_train
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import MNIST
@@ -33,16 +30,6 @@ def tiny_run(tmp_path_factory, data_dir):
     return out
 
 
-def cli(module, *args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", f"mnist_cnn.{module}", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
-
-
 def user_style(digit: np.ndarray, rng, mode: str = "L") -> Image.Image:
     """An MNIST digit as a user would draw it: dark ink on white, upscaled, off-centre on a
     larger canvas."""
@@ -65,7 +52,6 @@ def test_eval_of_a_checkpoint_equals_the_test_metrics_its_run_recorded(
 
     args = [f"ckpt_path={best}", f"data.data_dir={data_dir}", "trainer.accelerator=cpu"]
     proc = cli("eval", *args, "trainer.limit_test_batches=2", cwd=tmp_path)  # as debug=fast
-    assert proc.returncode == 0, proc.stderr[-3000:]
     printed = dict(line.split() for line in proc.stdout.splitlines() if line.startswith("test/"))
     assert printed.keys() == recorded.keys()
     for tag, value in recorded.items():
@@ -78,9 +64,9 @@ def test_eval_names_a_bad_checkpoint_and_exits_2(tmp_path):
     bogus = tmp_path / "bogus.ckpt"
     bogus.write_bytes(b"not a checkpoint")
     for args, words in (([f"ckpt_path={bogus}"], str(bogus)), ([], "ckpt_path is required")):
-        proc = cli("eval", *args, cwd=tmp_path)
+        proc = cli("eval", *args, cwd=tmp_path, code=2)
         output = proc.stdout + proc.stderr
-        assert proc.returncode == 2 and words in output, output
+        assert words in output, output
         assert "ckpt_path=" in output and "Traceback" not in output
 
 
@@ -121,8 +107,7 @@ def test_predict_reports_missing_and_unreadable_files_and_classifies_the_rest(
 
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
     inputs = f"inputs=[{tmp_path},{tmp_path}/gone.png,{tmp_path}/empty,{tmp_path}/no_images]"
-    proc = cli("predict", f"ckpt_path={ckpt}", inputs, cwd=tmp_path)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    proc = cli("predict", f"ckpt_path={ckpt}", inputs, cwd=tmp_path, code=1)
     (line,) = proc.stdout.splitlines()
     file, name, index, probability = line.split("\t")  # the class name, then its index
     assert file == str(good) and 0 <= int(index) <= 9 and 0 < float(probability) <= 1
@@ -154,8 +139,8 @@ def test_predict_classifies_user_style_mnist_test_digits_with_95_percent(
     (images / "broken.png").write_bytes(b"this is not a PNG")
 
     ckpt = full_epoch[0] / "checkpoints" / "last.ckpt"
-    proc = cli("predict", f"ckpt_path={ckpt}", f"inputs=[{images}]", cwd=tmp_path)
-    assert proc.returncode == 1 and "broken.png" in proc.stderr, proc.stderr[-3000:]
+    proc = cli("predict", f"ckpt_path={ckpt}", f"inputs=[{images}]", cwd=tmp_path, code=1)
+    assert "broken.png" in proc.stderr, proc.stderr[-3000:]
     rows = (line.split("\t") for line in proc.stdout.splitlines())
     predicted = {f: int(index) for f, _, index, _ in rows}
     assert predicted.keys() == labels.keys()

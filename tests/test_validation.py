@@ -1,12 +1,11 @@
 """Bad settings stop ``python -m mnist_cnn.train`` before any work: one message, exit 2."""
 
-import subprocess
-import sys
 import typing
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import cli, compose_train
 from omegaconf import OmegaConf
 
 from mnist_cnn import ROOT
@@ -47,16 +46,6 @@ OTHER = {  # refused by Hydra as it composes: named in one line by validate.expl
 }
 
 
-def cli(*args: str, cwd=None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mnist_cnn.train", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=cwd,
-    )
-
-
 def refusal(override: str) -> str:
     """What the command line says of ``override``: composing it as Hydra does, then the checks."""
     try:
@@ -91,14 +80,8 @@ def test_each_bad_override_is_refused_with_key_value_and_what_is_allowed(bad):
 @pytest.mark.slow
 def test_every_command_names_a_misspelt_key_in_one_line(command, tmp_path):
     *args, words = command
-    proc = subprocess.run(
-        [sys.executable, "-m", f"mnist_cnn.{args[0]}", *args[1:]],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    proc = cli(*args, cwd=tmp_path, code=2, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
     assert words in proc.stderr and f"python -m mnist_cnn.{args[0]} --cfg job" in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no run dir, no outputs/
 
@@ -125,12 +108,22 @@ def test_bad_overrides_stop_the_cli_with_one_message_exit_2_and_no_run(tmp_path)
         "long name": [f"hydra.run.dir={tmp_path}/{'a' * 300}"],
     }
     flags = {name: [a for a in args if a == "-m"] for name, args in runs.items()}  # Hydra's first
-    procs = {
-        name: cli(*flags[name], f"paths.log_dir={tmp_path}", *[a for a in args if a != "-m"])
-        for name, args in runs.items()
-    }
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
+    with ThreadPoolExecutor(len(runs)) as pool:  # all at once
+        procs = {
+            name: pool.submit(
+                cli,
+                "train",
+                *flags[name],
+                f"paths.log_dir={tmp_path}",
+                *[a for a in args if a != "-m"],
+                code=None,
+                timeout=300,
+            )
+            for name, args in runs.items()
+        }
+    for name, future in procs.items():
+        proc = future.result()
+        out, err = proc.stdout, proc.stderr
         assert proc.returncode == 2, (name, out, err)
         assert "Traceback" not in out + err, name
         (line,) = [line for line in err.splitlines() if line.strip()]  # one paragraph
