@@ -52,8 +52,8 @@ from mnist_cnn.errors import (
     TuneError,
 )
 from mnist_cnn.module import logged_metrics, make_model
-from mnist_cnn.train import build, train
-from mnist_cnn.validate import check_metrics, hydra_flags, run, task
+from mnist_cnn.train import train
+from mnist_cnn.validate import build, check_metrics, hydra_flags, run, task
 
 log = logging.getLogger(__name__)
 

@@ -13,23 +13,44 @@ Invalid config: data.batch_size=0 (allowed: an integer >= 1
 """
 
 import difflib
+import errno
 import functools
+import logging
 import os
 import re
+import shlex
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import (
     ConfigCompositionException,
+    InstantiationException,
     MissingConfigException,
     OverrideParseException,
 )
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mnist_cnn import runinfo, sweep_report  # noqa: F401 (runinfo registers conf/'s resolvers)
-from mnist_cnn.errors import CheckpointError, ConfigError
+from mnist_cnn.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Diverged,
+    Interrupted,
+    StorageError,
+    in_user_code,
+    unwrap,
+)
+
+log = logging.getLogger(__name__)
 
 
 def _int(low: int):
@@ -397,3 +418,158 @@ def run(main) -> None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def build(group: str, make, cfg: DictConfig | None = None):
+    """``make()``; an error raised while building the ``group`` config (a bad ``_target_``, an
+    argument the class refuses, no GPU for trainer.accelerator=gpu) as a one-line
+    ``ConfigError``. An error raised inside the user's own code keeps its traceback."""
+    try:
+        return make()
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra wraps the class's own error, which names the problem
+        cause = unwrap(e)
+        if isinstance(cause, ConfigError | DataError | CheckpointError) or in_user_code(cause):
+            raise cause from None  # the user's own bug keeps its traceback, file and line
+        targets, wrapper = [], e  # the instantiations it went through, outermost first
+        while isinstance(wrapper, InstantiationException):
+            if found := re.match(r"Error in call to target '([^']+)'", str(wrapper)):
+                targets.append(found[1])
+            wrapper = wrapper.__cause__
+        words = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+        fix = (
+            f"Fix the {group}.* override on the command line or in conf/{group}/ "
+            "(python -m mnist_cnn.train --cfg job shows them)."
+        )
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", words)
+        if targets and unexpected and cfg is not None:
+            fix = _unexpected_key(cfg.get(group), group, targets[-1], unexpected[1]) or fix
+        where = f" (in {targets[-1]})" if targets else ""
+        raise ConfigError(f"Cannot build {group} from the config: {words}{where}. {fix}") from None
+
+
+def _unexpected_key(node, path: str, target: str, key: str) -> str | None:
+    """Where ``key``, refused by ``target``, sits in the config, and how to drop it or replace
+    its whole node (Hydra merges ``node={...}`` into the keys already there)."""
+    if not isinstance(node, DictConfig):
+        return None
+    if key in node and "_target_" in node:
+        try:
+            same = hydra.utils.get_object(node._target_) is hydra.utils.get_object(target)
+        except Exception:  # a _target_ that does not import is another error
+            same = False
+        if same:
+            group = path.replace(".", "/")
+            return (
+                f"{path}.{key} is not one of its arguments: remove it with ~{path}.{key}. To "
+                f"replace the whole node, write ~{path} '+{path}={{...}}' (Hydra merges "
+                f"{path}={{...}} into the keys already there), or save it as "
+                f"conf/{group}/<name>.yaml and pick it with {group}=<name>."
+            )
+    for child, value in node.items():
+        if hint := _unexpected_key(value, f"{path}.{child}", target, key):
+            return hint
+    return None
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOENT, errno.EFBIG)
+KINDS = {ConfigError: "config", DataError: "data", CheckpointError: "checkpoint"}
+KINDS |= {Diverged: "diverged", StorageError: "storage"}
+
+
+def _storage_error(e: OSError, cfg: DictConfig) -> StorageError:
+    where = os.fsdecode(e.filename) if e.filename else cfg.paths.output_dir
+    fix = "Free some space or make the folder writable"
+    if e.errno == errno.ENOENT:
+        fix = "Was the run dir deleted or moved while training? Leave it in place"
+    run = Path(cfg.paths.output_dir)
+    last = run / "checkpoints" / "last.ckpt"
+    again = f"resume={run}"
+    if not (run / ".hydra" / "config.yaml").is_file():  # its settings are gone with it
+        again = f"ckpt_path={last} with the run's settings"
+    kept = f"the last complete checkpoint is kept, and {again} continues from it"
+    if not last.is_file():  # the first save failed: there is nothing to continue from
+        kept = "no checkpoint was saved yet: run the same command again"
+    return StorageError(
+        f"Cannot write {where}: {e.strerror or e}. {fix} (or pass paths.log_dir=/another/folder); "
+        f"{kept}."
+    )
+
+
+def _thread_write_error(args) -> None:
+    """A background writer (TensorBoard's event thread) that cannot write: one line, not a
+    traceback; the main thread names the fault when it writes next."""
+    e = args.exc_value
+    if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+        where = os.fsdecode(e.filename) if e.filename else "a file"
+        log.warning("%s could not write %s: %s", args.thread.name, where, e.strerror or e)
+    else:
+        threading.__excepthook__(args)
+
+
+def _out_of_memory(cfg: DictConfig) -> ConfigError:
+    batch = OmegaConf.select(cfg, "data.batch_size", default="?")
+    evals = OmegaConf.select(cfg, "data.eval_batch_size", default="?")
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
+    half = "" if "16" in precision else "; trainer.precision=bf16-mixed halves activations"
+    return ConfigError(
+        f"Out of memory: lower data.batch_size (now {batch}) or data.eval_batch_size (now "
+        f"{evals}), or use a smaller model.net{half}."
+    )
+
+
+def _job_failed(cfg: DictConfig, error: Exception) -> None:
+    """In a ``-m`` sweep: record the failed job for the sweep report; the other jobs go on."""
+    kind = next((k for t, k in KINDS.items() if isinstance(error, t)), "exception")
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if kind == "exception":
+        log.exception("the job failed; the sweep goes on with the other jobs")
+        line = f"{type(error).__name__}: {line}"
+    path = Path(cfg.paths.output_dir) / "job_failed.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"error": line, "kind": kind}, sort_keys=False))
+
+
+@contextmanager
+def failures(cfg: DictConfig):
+    """Around a training run (``train.main``): a ``ConfigError``, ``DataError``,
+    ``CheckpointError``, ``Diverged`` or a run file that cannot be written is one line and exit
+    status 2; ``Interrupted`` the resume command and 128 + the signal; in a ``-m`` sweep any of
+    them, and an error in the user's code, is the job's ``job_failed.yaml`` and the others go
+    on. Elsewhere the user's error keeps its traceback."""
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    threading.excepthook = _thread_write_error
+    try:
+        try:
+            yield
+        except OSError as e:  # ours to name only when the run's files cannot be written
+            if e.errno not in WRITE_ERRORS or in_user_code(e):
+                raise
+            raise _storage_error(e, cfg) from None
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            raise _out_of_memory(cfg) from None
+    except (ConfigError, DataError, CheckpointError, Diverged, StorageError) as e:
+        log.error("%s", e)
+        if not sweep:
+            sys.exit(2)
+        _job_failed(cfg, e)
+    except Interrupted as e:
+        if e.checkpoint:
+            again = shlex.join(["python", "-m", "mnist_cnn.train", *hydra_flags("train")])
+            log.warning(
+                "%s Resume with: %s resume=%s (or resume=true for the newest run), adding "
+                "trainer.max_epochs=N to change the length.",
+                e,
+                again,
+                cfg.paths.output_dir,
+            )
+        else:
+            log.warning("%s Training had not started: run the same command again.", e)
+        sys.exit(128 + e.signum)
+    except Exception as e:  # the user's code: its traceback; in a sweep, the other jobs go on
+        if not sweep:
+            raise
+        _job_failed(cfg, e)
