@@ -10,7 +10,7 @@ import time
 import optuna
 import pytest
 import yaml
-from test_tune import TINY, tune_cfg
+from conftest import TINY, tune_cfg
 
 from mnist_cnn.tune import TuneError, open_study, retries, search_space, study_lock, tune
 

@@ -13,7 +13,7 @@ import lightning as L
 import optuna
 import pytest
 import yaml
-from conftest import compose_train
+from conftest import TINY, compose_train, tune_cfg
 from filelock import FileLock
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -22,17 +22,6 @@ from mnist_cnn.callbacks import Interrupted
 from mnist_cnn.checkpoint import epochs_done, load_checkpoint
 from mnist_cnn.tune import TuneError, retries, tune
 from mnist_cnn.validate import ConfigError, check
-
-TINY = [  # not debug=fast: that one saves no checkpoint
-    "trainer.accelerator=cpu",
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "callbacks.progress_bar.refresh_rate=0",
-    "logger=none",
-]
 
 
 def trials(storage: str, *states) -> list:
@@ -164,11 +153,6 @@ def test_a_trial_stopped_by_ctrl_c_continues_from_its_last_checkpoint_on_the_nex
     assert sorted(done.intermediate_values) == [0, 1, 2]  # the first run's epochs included
     info = yaml.safe_load((trial_dir / "run_info.yaml").read_text())
     assert len(info) == 2  # the first start and the resume
-
-
-def tune_cfg(tmp_path, data_dir, *overrides):
-    base = [*TINY, f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}", "tune.n_trials=1"]
-    return compose_train(*base, *overrides, config_name="tune")
 
 
 @pytest.mark.slow
