@@ -5,7 +5,6 @@
 
 import contextlib
 import io
-import os
 from pathlib import Path
 
 import hydra
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from mnist_cnn.errors import CheckpointError, in_user_code, unwrap
+from mnist_cnn.files import writing
 from mnist_cnn.module import Classifier, checked_target
 
 FIX = (
@@ -275,20 +275,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
         data = io.BytesIO()  # serialised first: a full disk is then an OSError, not torch's
         torch.save(checkpoint, data)  # "unexpected pos" RuntimeError from inside its zip writer
-        try:
-            with partial.open("wb") as f:
-                f.write(data.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        with writing(path, fsync=True) as partial:
+            partial.write_bytes(data.getbuffer())
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         # Lightning also reads its own temporary files here (ddp_spawn's weights)

@@ -10,9 +10,7 @@ python -m mnist_cnn.export ckpt_path=... format=pt output=model.pt
 """
 
 import logging
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -29,6 +27,7 @@ from mnist_cnn.checkpoint import (
     module_of,
 )
 from mnist_cnn.errors import ConfigError, ExportError
+from mnist_cnn.files import writing
 from mnist_cnn.module import Classifier, checked_target, net_config
 from mnist_cnn.validate import file_in_the_way, run, task
 
@@ -63,21 +62,6 @@ def load_weights(path: str | Path) -> tuple[torch.nn.Module, dict]:
     net = hydra.utils.instantiate(saved["net"])
     net.load_state_dict(saved["state_dict"])
     return net.eval(), saved
-
-
-@contextmanager
-def writing(path: Path):
-    """Yields ``<path>.partial`` to write; renamed to ``path`` when the block succeeds, removed
-    when it fails, so ``path`` is never half-written. Raises ``OSError`` up front when ``path``'s
-    folder cannot be written."""
-    partial = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial.touch()
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def save_weights(checkpoint: dict, path: str | Path) -> Path:

@@ -26,6 +26,7 @@ from torchvision.datasets import MNIST
 from torchvision.datasets.utils import download_url
 
 from mnist_cnn.errors import DataError
+from mnist_cnn.files import writing
 from mnist_cnn.validate import file_in_the_way
 
 log = logging.getLogger(__name__)
@@ -176,9 +177,9 @@ def _prepare_lock(data_dir: Path) -> Iterator[None]:
         with suppress(OSError):  # only informs waiters
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
             holder["command"] = " ".join(shlex.join(sys.orig_argv).split())  # one line
-            written = holder_file.with_name(f"{holder_file.name}.{os.getpid()}")
-            written.write_text(json.dumps(holder))
-            written.replace(holder_file)  # whole: a waiter never reads it half-written
+            unique = holder_file.with_name(f"{holder_file.name}.{os.getpid()}")
+            with writing(holder_file, partial=unique) as written:  # a waiter reads it whole
+                written.write_text(json.dumps(holder))
         yield
     finally:
         with suppress(OSError):
@@ -268,15 +269,16 @@ def _extract_all(raw: Path, names: list[str]) -> None:
     """Extract each named (verified) .gz under a temporary name, renamed when complete: an
     interrupted extraction never leaves a file that passes as complete, a failed one no file."""
     for name in names:
-        tmp = raw / f".{name}.partial"
         try:
-            with gzip.open(raw / f"{name}.gz", "rb") as src, tmp.open("wb") as dst:
+            part = raw / f".{name}.partial"
+            with (
+                writing(raw / name, partial=part) as tmp,
+                gzip.open(raw / f"{name}.gz", "rb") as src,
+                tmp.open("wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst, 1 << 20)
-            tmp.replace(raw / name)
         except OSError as e:
             raise _os_error(raw.parent.parent, e, f" while extracting {name}.gz") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def copy_from(source: Path, data_dir: Path) -> None:
@@ -310,15 +312,13 @@ def copy_from(source: Path, data_dir: Path) -> None:
     raw = data_dir / "MNIST" / "raw"
     with _prepare_lock(data_dir):
         for name, src in found.items():
-            dst, tmp = raw / src.name, raw / f".{src.name}.partial"
+            dst = raw / src.name
             try:
                 if not (dst.exists() and _digest(dst, "md5") == md5s[name]):
-                    shutil.copyfile(src, tmp)
-                    tmp.replace(dst)
+                    with writing(dst, partial=raw / f".{src.name}.partial") as tmp:
+                        shutil.copyfile(src, tmp)
             except OSError as e:
                 raise _os_error(data_dir, e, f" while copying {src.name}") from None
-            finally:
-                tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_cnn import ROOT, fast_precision
 from mnist_cnn.errors import CheckpointError, ConfigError, RunInUse
+from mnist_cnn.files import writing
 
 log = logging.getLogger(__name__)
 PENDING = ".hydra/pending"  # a resume's Hydra files, until the run starts (hydra_subdir)
@@ -142,9 +143,8 @@ def record(
         starts = []
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     starts = [*(starts or []), info(resumed_from, config)]
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(yaml.safe_dump(starts, sort_keys=False))
-    tmp.replace(path)
+    with writing(path) as tmp:
+        tmp.write_text(yaml.safe_dump(starts, sort_keys=False))
     return path
 
 
@@ -236,9 +236,8 @@ def write_resumed_files(run_dir: str | Path, cfg: DictConfig, overrides: list[st
             file.replace(hydra_dir / file.name)
     for name, data in (("config.yaml", OmegaConf.to_yaml(cfg)), ("overrides.yaml", None)):
         text = data if data is not None else yaml.safe_dump(overrides, sort_keys=False)
-        tmp = hydra_dir / f".{name}.partial"
-        tmp.write_text(text)
-        tmp.replace(hydra_dir / name)
+        with writing(hydra_dir / name, partial=hydra_dir / f".{name}.partial") as tmp:
+            tmp.write_text(text)
     for file in pending.glob("*"):
         file.unlink()
     if pending.is_dir():

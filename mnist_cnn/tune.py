@@ -51,6 +51,7 @@ from mnist_cnn.errors import (
     Lost,
     TuneError,
 )
+from mnist_cnn.files import writing
 from mnist_cnn.module import logged_metrics, make_model
 from mnist_cnn.train import train
 from mnist_cnn.validate import build, check_metrics, hydra_flags, run, task
@@ -563,9 +564,8 @@ def save_best(study: optuna.Study, cfg: DictConfig, overrides: Sequence[str]) ->
         "command": train_command(overrides, params),
     }
     path = Path(cfg.tune.dir) / "best.yaml"
-    tmp = path.with_name(f".best.yaml.{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(result, sort_keys=False))
-    tmp.replace(path)  # whole, for a reader in the same tune.dir
+    with writing(path, partial=path.with_name(f".best.yaml.{os.getpid()}")) as tmp:
+        tmp.write_text(yaml.safe_dump(result, sort_keys=False))  # whole, for other workers
     log.info(
         "best of %d trials: #%d %s=%.4f %s\nreproduce it with:\n%s\n(saved in %s)",
         sum(counts[s.name.lower()] for s in FINISHED),
