@@ -521,8 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches < 1 or args.warmup < 0 or args.repeats < 1 or (args.eval_batches or 2) < 1:
         parser.error("--batches, --repeats and --eval-batches must be >= 1, --warmup >= 0")
 
-    from mnist_cnn.mnist_files import prepare_mnist
     from mnist_cnn.errors import CheckpointError, ConfigError, DataError
+    from mnist_cnn.mnist_files import prepare_mnist
     from mnist_cnn.validate import check, explain
 
     try:
