@@ -84,14 +84,28 @@ def describe(state: dict) -> dict:
     return found
 
 
-def load_checkpoint(path: str | Path, map_location="cpu", fix: str = FIX, lightning=True) -> dict:
+_kept: dict = {}  # the checkpoint a run's start read, for its next read (Lightning's fit)
+
+
+def load_checkpoint(
+    path: str | Path, map_location="cpu", fix: str = FIX, lightning=True, keep=False
+) -> dict:
     """The checkpoint dict, read with ``weights_only=True`` (no code from the file runs); a
-    ``CheckpointError`` that ends with ``fix`` when it is missing, damaged or not ours."""
+    ``CheckpointError`` that ends with ``fix`` when it is missing, damaged or not ours. With
+    ``keep``, the state is kept for the next read of the same unchanged file, which takes it:
+    a run's start (the config check, ``train``, Lightning's fit) reads its checkpoint once."""
     path = Path(path)
     if path.is_dir():
         raise _fail(path, "it is a folder, not a file", fix)
     if not path.is_file():
         raise _fail(path, "no such file", fix)
+    stat = path.stat()
+    stamp = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if _kept.get("stamp") == stamp:
+        state = _kept["state"]
+        if not keep:
+            _kept.clear()
+        return state
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle, zip and weights-only errors all mean "not a usable checkpoint"
@@ -106,6 +120,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", fix: str = FIX, lightn
     net = state["hyper_parameters"].get("net")
     if isinstance(net, dict) and "_target_" not in net:  # an earlier release: the notebook's CNN
         state["hyper_parameters"]["net"] = {"_target_": "mnist_cnn.model.build_cnn", **net}
+    if keep:
+        _kept.update(stamp=stamp, state=state)
     return state
 
 

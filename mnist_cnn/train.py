@@ -66,6 +66,27 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, _sigterm_before_fit)
 
 
+def start(cfg: DictConfig) -> tuple[DictConfig, tuple | None, str | None, dict | None]:
+    """A run's start, before anything is built: resume's config (the run's own, with this
+    command line over it), the checks, and the one read of the checkpoint to train from
+    (``ckpt_path``, or the run's ``last.ckpt`` for ``resume``). The run lock waits until the
+    run is built, so that a refused run leaves nothing in its dir."""
+    resumed = runinfo.resumed_config(cfg) if cfg.get("resume") else None
+    if resumed is not None:
+        cfg = resumed[0]
+    check(cfg)
+    _step_aside(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume"):
+        ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    if not ckpt_path:
+        return cfg, resumed, None, None
+    state = load_checkpoint(ckpt_path, keep=True)  # missing, damaged or foreign; fit takes it
+    check_continuation(state, ckpt_path, cfg.trainer.get("max_epochs"), bool(cfg.get("resume")))
+    check_batch_size(state, ckpt_path, OmegaConf.select(cfg, "data.batch_size"))
+    return cfg, resumed, ckpt_path, state
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, return the final metrics (``val/acc_best``, ``test/acc``).
 
@@ -74,19 +95,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``CheckpointError``, ``Interrupted`` (Ctrl-C/SIGTERM, last.ckpt saved) or ``Diverged``.
     """
     before = _stop_on_sigterm()  # until fit: Lightning's handling and GracefulStop take over
-    resumed = runinfo.resumed_config(cfg) if cfg.get("resume") else None
-    if resumed is not None:
-        cfg = resumed[0]
-    check(cfg)
-    _step_aside(cfg)
-    ckpt_path = cfg.get("ckpt_path")
+    cfg, resumed, ckpt_path, state = start(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if cfg.get("resume"):
-        ckpt_path = str(last)
-    state = load_checkpoint(ckpt_path) if ckpt_path else None  # missing, damaged or foreign
-    if state is not None:
-        check_continuation(state, ckpt_path, cfg.trainer.get("max_epochs"), bool(cfg.get("resume")))
-        check_batch_size(state, ckpt_path, OmegaConf.select(cfg, "data.batch_size"))
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork-safe CUDA checks); without a GPU each

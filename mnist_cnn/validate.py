@@ -240,14 +240,14 @@ class ConfigCheck(Callback):
             check(config)
             if ckpt := OmegaConf.select(config, "ckpt_path", default=None):  # before the run dir
                 max_epochs = OmegaConf.select(config, "trainer.max_epochs", default=None)
-                check_continuation(load_checkpoint(ckpt), ckpt, max_epochs, False)
+                check_continuation(load_checkpoint(ckpt, keep=True), ckpt, max_epochs, False)
             elif OmegaConf.select(config, "resume", default=False):
                 run = Path(config.hydra.run.dir)
                 fix = (
                     "Resume another run (resume=outputs/runs/<run>), or start a new run from "
                     f"this one's best checkpoint: ckpt_path={run}/checkpoints/<epoch>.ckpt."
                 )
-                load_checkpoint(run / "checkpoints" / "last.ckpt", fix=fix)
+                load_checkpoint(run / "checkpoints" / "last.ckpt", fix=fix, keep=True)
         except Exception as e:  # Hydra turns a callback's exception into a warning
             if (message := explain(e)) is None:
                 raise

@@ -10,6 +10,8 @@ from conftest import cli, finish, start
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_cnn.runinfo import find_run
+from mnist_cnn.train import train
+from mnist_cnn.validate import ConfigCheck
 
 EXACT = [
     "trainer.deterministic=true",
@@ -113,3 +115,19 @@ def test_resume_continues_with_the_old_overrides_and_the_new_ones_win(tmp_path, 
     assert "model.net.dropout=0.3" in overrides and not (run / ".hydra" / "pending").exists()
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["epoch"] == 1 and len(state["callbacks"]["EpochSummary"]["history"]) == 2
+
+
+@pytest.mark.slow
+def test_a_run_start_reads_its_checkpoint_once(make_cfg, tmp_path, monkeypatch):
+    first = make_cfg("test=false")
+    train(first)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    cfg = make_cfg("test=false", f"ckpt_path={last}", "trainer.max_epochs=2")
+    cfg.paths.output_dir = cfg.paths.log_dir = str(tmp_path / "second")
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or load(f, *a, **k))
+    ConfigCheck().on_run_start(cfg)  # Hydra's callback, before the run dir
+    train(cfg)  # the checks, the weights, then Lightning's fit: the same read
+    assert reads.count(str(last)) == 1, reads  # (the export at fit end reads the best)
+    again = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert again["epoch"] == 1 and again["global_step"] == 10
