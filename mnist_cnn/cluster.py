@@ -1,15 +1,17 @@
 """Beyond one machine (docs/ddp.md, docs/scale.md): Lightning's DDP strategy with a lost node
-named in one line (``conf/trainer/ddp*.yaml``), and a Slurm job that is requeued resuming in its
-run dir (a Hydra callback, ``conf/hydra/default.yaml``).
+named in one line (``conf/trainer/ddp*.yaml``); Hydra callbacks (``conf/hydra/default.yaml``)
+for a Slurm job that is requeued resuming in its run dir and for DDP jobs in a ``-m`` sweep.
 """
 
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from lightning.pytorch.strategies import DDPStrategy as _LightningDDP
+from omegaconf import DictConfig
 
 from mnist_cnn.errors import PeerLost
 
@@ -82,3 +84,36 @@ class SlurmRequeue(Callback):
             os.environ["SLURM_RESTART_COUNT"],
             newest,
         )
+
+
+class DDPInSweep(Callback):
+    """Hydra callback for ``trainer=ddp`` in a ``-m`` sweep. Lightning's DDP launcher re-runs
+    the command line for ranks 1..N-1: at each job's start this points that command at the job
+    alone (its overrides, its dir; not the whole sweep again), and at its end closes the
+    process group and restores the environment, so the next job starts its own ranks."""
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import read_write
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return
+        self._saved = sys.argv, dict(os.environ)
+        with read_write(hydra_cfg.run):
+            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # what Lightning passes to ranks
+        hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode")]
+        sys.argv = [sys.argv[0], *hydra_overrides, *hydra_cfg.overrides.task]
+
+    def on_job_end(self, config: DictConfig, **kwargs) -> None:
+        if not hasattr(self, "_saved"):
+            return
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.argv, env = self._saved
+        os.environ.clear()
+        os.environ.update(env)  # MASTER_PORT, LOCAL_RANK, WORLD_SIZE of this job gone
+        del self._saved

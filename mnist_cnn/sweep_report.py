@@ -19,7 +19,6 @@ wrote ``job_failed.yaml`` (``train.main`` in a sweep) is listed as failed, outsi
 import argparse
 import csv
 import logging
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 SEED = "seed"  # jobs whose overrides differ only in this key are one setting
 STAGES = ("val", "test", "train")  # the metrics shown: <stage>/<name>, in this order
 FAILED = "job_failed.yaml"  # {error, kind} in a job dir: train.main's record of a failed job
-FAILED_JOBS: list[str] = []  # set when a sweep ends; train's entry point exits with their count
 
 
 def _value(text: str):
@@ -368,54 +366,22 @@ def plot(groups: list[dict], keys: list[str], metric: str, path: Path) -> None:
 
 
 class SweepReport(Callback):
-    """Hydra callback: writes the report into the sweep dir when a multirun ends, and sets
-    ``FAILED_JOBS`` to the jobs that wrote ``job_failed.yaml``."""
+    """Hydra callback: writes the report into the sweep dir when a multirun ends; when jobs
+    wrote ``job_failed.yaml``, the sweep exits with their count (at most 100)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = job_dirs(sweep_dir)
-        FAILED_JOBS[:] = [str(j.relative_to(sweep_dir)) for j in jobs if (j / FAILED).is_file()]
+        failed = [j for j in jobs if (j / FAILED).is_file()]
         try:
             print(write_report(sweep_dir))
             log.info("sweep report: %s", sweep_dir / "sweep_report.md")
         except Exception as e:  # a report problem must not turn a finished sweep into a failure
             log.warning("no sweep report for %s: %s", sweep_dir, e)
-        if FAILED_JOBS:
+        if failed:
             report = sweep_dir / "sweep_report.md"
-            log.error("%d of %d jobs failed: see %s", len(FAILED_JOBS), len(jobs), report)
-
-
-class DDPInSweep(Callback):
-    """Hydra callback for ``trainer=ddp`` in a ``-m`` sweep. Lightning's DDP launcher re-runs
-    the command line for ranks 1..N-1: at each job's start this points that command at the job
-    alone (its overrides, its dir; not the whole sweep again), and at its end closes the
-    process group and restores the environment, so the next job starts its own ranks."""
-
-    def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-        from omegaconf import read_write
-
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            return
-        self._saved = sys.argv, dict(os.environ)
-        with read_write(hydra_cfg.run):
-            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # what Lightning passes to ranks
-        hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode")]
-        sys.argv = [sys.argv[0], *hydra_overrides, *hydra_cfg.overrides.task]
-
-    def on_job_end(self, config: DictConfig, **kwargs) -> None:
-        if not hasattr(self, "_saved"):
-            return
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        sys.argv, env = self._saved
-        os.environ.clear()
-        os.environ.update(env)  # MASTER_PORT, LOCAL_RANK, WORLD_SIZE of this job gone
-        del self._saved
+            log.error("%d of %d jobs failed: see %s", len(failed), len(jobs), report)
+            sys.exit(min(len(failed), 100))  # Hydra passes SystemExit on; the last callback
 
 
 def main(argv: list[str] | None = None) -> int:
