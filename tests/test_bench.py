@@ -2,7 +2,6 @@
 
 import json
 import math
-import statistics
 import subprocess
 import sys
 
@@ -65,20 +64,7 @@ def test_reduced_bench_writes_json_with_every_field_and_a_table(data_dir, tmp_pa
         assert len(v["train_samples_per_s_repeats"]) == len(v["eval_samples_per_s_repeats"]) == 2
         assert v["train_samples_per_s"] > 0 and v["eval_samples_per_s"] > 0
         assert v["peak_rss_mib"] > 100 and v["threads"] == 1
-        assert v["train_gflops"] == pytest.approx(
-            v["train_samples_per_s"] * report["flop_per_train_sample"] / 1e9
-        )
     assert [report["variants"][n]["batch_size"] for n in VARIANTS] == [64, 32, 32]
-    a, b, c = (report["variants"][n]["train_samples_per_s"] for n in VARIANTS)
-    assert report["ratio_b_over_a"] == pytest.approx(b / a)
-    assert report["overhead_b_over_c_pct"] == pytest.approx((c / b - 1) * 100)
-    repeats = {n: v["train_samples_per_s_repeats"] for n, v in report["variants"].items()}
-    rounds = zip(repeats["lightning"], repeats["plain"], strict=True)
-    per_round = [(c_i / b_i - 1) * 100 for b_i, c_i in rounds]
-    assert report["overhead_b_over_c_pct_per_round"] == pytest.approx(per_round)
-    assert report["overhead_b_over_c_pct_median_of_rounds"] == pytest.approx(
-        statistics.median(per_round)
-    )
     # the time outside the model's work is a part of each step of (b) and (c), not all of it
     outside = {}
     for name in ("lightning", "plain"):
@@ -86,13 +72,7 @@ def test_reduced_bench_writes_json_with_every_field_and_a_table(data_dir, tmp_pa
         outside[name] = v["train_outside_ms_per_step_repeats"]
         steps_ms = [1000 * v["batch_size"] / sps for sps in v["train_samples_per_s_repeats"]]
         assert all(0 < o < ms for o, ms in zip(outside[name], steps_ms, strict=True)), name
-        assert v["train_outside_ms_per_step"] == statistics.median(outside[name])
     assert report["variants"]["notebook"]["train_outside_ms_per_step"] is None
-    plain = report["variants"]["plain"]["train_samples_per_s_repeats"]
-    pairs = zip(outside["lightning"], outside["plain"], plain, strict=True)
-    phases = [(b_i - c_i) * sps / (1000 * 32) * 100 for b_i, c_i, sps in pairs]
-    assert report["overhead_from_phases_pct_per_round"] == pytest.approx(phases)
-    assert report["overhead_from_phases_pct"] == pytest.approx(statistics.median(phases))
     assert math.isfinite(report["peak_gflops"]) and report["peak_gflops"] > 0
     table = (tmp_path / "bench.md").read_text()
     for label in ("(a) notebook loop", "(b) template, Lightning", "(c) template data, plain loop"):
