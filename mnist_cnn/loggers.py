@@ -110,39 +110,6 @@ def git_tags() -> dict[str, str]:
     }
 
 
-class Guarded:
-    """A tracker that fails (unreachable, dying, refusing) never takes the training down with a
-    traceback: ``on_error="continue"`` logs one warning and trains on without it (TensorBoard
-    and the run dir keep every metric); ``"stop"`` raises ``TrackerError`` (one line, exit 2),
-    and ``last.ckpt`` is saved as for any error in fit."""
-
-    on_error, _down, _step, tracker = "continue", False, None, "the tracker"
-
-    def _failed(self, what: str, error: Exception, where: str) -> None:
-        self._down, name = True, self.tracker  # after a stop too: teardown's calls are skipped
-        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        why = f"{type(error).__name__}: {first}" if first else type(error).__name__
-        if self.on_error == "stop":
-            again = (
-                f"resume={self.run_dir} continues from last.ckpt"
-                if self._step
-                else "run the same command again"
-            )
-            raise TrackerError(
-                f"{name} at {where} failed while {what} ({why}); stopped, as "
-                f"logger.*.on_error=stop asks: once it is back, {again}, or pass "
-                "on_error=continue to train on without it."
-            ) from None
-        log.warning(
-            "%s at %s failed while %s (%s): training goes on without it, TensorBoard and the run "
-            "dir keep every metric (on_error=stop stops the run instead)",
-            name,
-            where,
-            what,
-            why,
-        )
-
-
 def guarded(what: str):
     """A tracker call that can fail: ``Guarded._failed`` decides; a failed tracker is skipped."""
 
@@ -156,11 +123,50 @@ def guarded(what: str):
             except ConfigError:
                 raise
             except Exception as e:  # the tracker's own errors: network, server, storage
-                self._failed(what, e, self._where())
+                self._failed(what, e)
 
         return call
 
     return wrap
+
+
+class Guarded:
+    """A tracker that fails (unreachable, dying, refusing) never takes the training down with a
+    traceback: ``on_error="continue"`` logs one warning and trains on without it (TensorBoard
+    and the run dir keep every metric); ``"stop"`` raises ``TrackerError`` (one line, exit 2),
+    and ``last.ckpt`` is saved as for any error in fit."""
+
+    on_error, _down, _step, _started, tracker = "continue", False, None, False, "the tracker"
+
+    @rank_zero_only
+    @guarded("logging metrics")
+    def log_metrics(self, metrics, step=None) -> None:
+        self._step = step
+        super().log_metrics(metrics, step)
+
+    def _failed(self, what: str, error: Exception) -> None:
+        self._down, name = True, self.tracker  # after a stop too: teardown's calls are skipped
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        why = f"{type(error).__name__}: {first}" if first else type(error).__name__
+        if self.on_error == "stop":
+            again = (
+                f"resume={self.run_dir} continues from last.ckpt"
+                if self._step
+                else "run the same command again"
+            )
+            raise TrackerError(
+                f"{name} at {self.where} failed while {what} ({why}); stopped, as "
+                f"logger.*.on_error=stop asks: once it is back, {again}, or pass "
+                "on_error=continue to train on without it."
+            ) from None
+        log.warning(
+            "%s at %s failed while %s (%s): training goes on without it, TensorBoard and the run "
+            "dir keep every metric (on_error=stop stops the run instead)",
+            name,
+            self.where,
+            what,
+            why,
+        )
 
 
 def store_lock(tracking_uri: str | None):
@@ -176,9 +182,9 @@ def store_lock(tracking_uri: str | None):
 class MLFlowLogger(Guarded, lightning_mlflow.MLFlowLogger):
     """Lightning's ``MLFlowLogger`` for one run dir (``conf/logger/mlflow.yaml``).
 
-    A run dir holding ``mlflow_run_id.txt`` continues that MLflow run (a resume); a parameter a
-    resume changes keeps its first value (MLflow's rule) and the new one is the tag
-    ``resumed.<key>``.
+    A run dir holding ``mlflow_run_id.txt`` continues that MLflow run (a resume: Lightning's
+    ``run_id``); a parameter a resume changes keeps its first value (MLflow's rule) and the new
+    one is the tag ``resumed.<key>``.
     """
 
     tracker = "MLflow"
@@ -196,82 +202,78 @@ class MLFlowLogger(Guarded, lightning_mlflow.MLFlowLogger):
         **kwargs,
     ):
         require("mlflow")
+        import mlflow
+
         self.on_error = _on_error(on_error, "mlflow")
         # MLflow's own settings for an HTTP server (its defaults retry for minutes)
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(request_timeout)
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(request_retries)
         if not isinstance(tags, dict):  # a list of labels (the run's tags=[...])
             tags = {str(t): "true" for t in tags}
-        self.run_dir = Path(run_dir)
-        self.artifacts = list(artifacts)
+        self.run_dir, self.artifacts = Path(run_dir), list(artifacts)
         self._uploaded: dict[Path, tuple] = {}
         changed_files(self.run_dir, self.artifacts, self._uploaded)  # what is there already
-        run_name = run_name or self.run_dir.name
-        with store_lock(kwargs.get("tracking_uri")):  # opening a new store creates its tables
-            super().__init__(
-                experiment_name=experiment_name, run_name=run_name, tags=tags or None, **kwargs
-            )
+        uri = kwargs["tracking_uri"] = kwargs.get("tracking_uri") or mlflow.get_tracking_uri()
+        # Lightning keeps these private: _start makes the experiment, messages name the store
+        self.experiment_name, self.where = experiment_name, uri
+        self.artifact_location = kwargs.get("artifact_location")
+        with store_lock(uri):  # opening a new store creates its tables
+            self.client = mlflow.MlflowClient(uri)  # to choose the run before Lightning's starts
+            self.resumed = self._saved_run()
+            run_name, tags = run_name or self.run_dir.name, tags or None
+            super().__init__(experiment_name, run_name, tags=tags, run_id=self.resumed, **kwargs)
+
+    @rank_zero_only  # the other ranks log nothing (rank_zero_experiment)
+    @guarded("finding the run")
+    def _saved_run(self) -> str | None:
+        """The run this run dir logged to before, if the store still holds it."""
+        from mlflow.exceptions import MlflowException
+
+        if (run_id := saved_id(self.run_dir, "mlflow")) is None:
+            return None
+        try:
+            if self.client.get_run(run_id).info.lifecycle_stage == "active":
+                return run_id
+        except MlflowException as e:  # not there; another error (unreachable): the guard's
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+        log.warning(
+            "MLflow run %s (%s) is not in %s: starting a new run",
+            run_id,
+            self.run_dir / "mlflow_run_id.txt",
+            self.where,
+        )
+        return None
 
     @property
     @rank_zero_experiment
-    def experiment(self):
-        return self._mlflow_client if self._initialized else self._start()
+    def experiment(self):  # the first use starts the run (guarded); then Lightning's
+        return super().experiment if self._started else self._start()
 
     @guarded("starting the run")
     def _start(self):
-        self._find_run()
-        client = super().experiment
-        save_id(self.run_dir, "mlflow", self._run_id)
         from mlflow.entities import RunTag
 
-        tags = {"run_dir": str(self.run_dir.resolve()), **git_tags()}
-        client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        return client
-
-    def _find_run(self) -> None:
-        """The run this run dir logged to before, else the experiment to start one in (made here:
-        Lightning would warn that it was missing)."""
-        from mlflow.exceptions import MlflowException
-
-        client = self._mlflow_client
-        if self._run_id is None and (run_id := saved_id(self.run_dir, "mlflow")):
-            try:
-                active = client.get_run(run_id).info.lifecycle_stage == "active"
-            except MlflowException:
-                active = False
-            if active:
-                self._run_id = run_id
-                client.update_run(run_id, status="RUNNING")
-                return
-            log.warning(
-                "MLflow run %s (%s) is not in %s: starting a new run",
-                run_id,
-                self.run_dir / "mlflow_run_id.txt",
-                self._tracking_uri,
-            )
-        if self._run_id is None and self._experiment_id is None:
-            with store_lock(self._tracking_uri):
-                found = client.get_experiment_by_name(self._experiment_name)
+        if self.resumed is None:  # the experiment, made here: Lightning would warn it was missing
+            with store_lock(self.where):
+                found = self.client.get_experiment_by_name(self.experiment_name)
                 if found is None:
-                    self._experiment_id = client.create_experiment(
-                        self._experiment_name, artifact_location=self._artifact_location
+                    self.client.create_experiment(
+                        self.experiment_name, artifact_location=self.artifact_location
                     )
-                elif found.lifecycle_stage == "active":
-                    self._experiment_id = found.experiment_id
-                else:
+                elif found.lifecycle_stage != "active":
                     raise ConfigError(
-                        f"The MLflow experiment {self._experiment_name} is deleted in "
-                        f"{self._tracking_uri}: name another, logger.mlflow.experiment_name=NAME."
+                        f"The MLflow experiment {self.experiment_name} is deleted in "
+                        f"{self.where}: name another, logger.mlflow.experiment_name=NAME."
                     )
-
-    def _where(self) -> str:
-        return str(self._tracking_uri)
-
-    @rank_zero_only
-    @guarded("logging metrics")
-    def log_metrics(self, metrics, step=None) -> None:
-        self._step = step
-        super().log_metrics(metrics, step)
+        client = super().experiment
+        self._started = True
+        if self.resumed:
+            client.update_run(self.run_id, status="RUNNING")
+        save_id(self.run_dir, "mlflow", self.run_id)
+        tags = {"run_dir": str(self.run_dir.resolve()), **git_tags()}
+        client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        return client
 
     @guarded("saving a checkpoint's record")
     def after_save_checkpoint(self, checkpoint_callback) -> None:
@@ -299,7 +301,7 @@ class MLFlowLogger(Guarded, lightning_mlflow.MLFlowLogger):
     @rank_zero_only
     @guarded("closing the run")
     def finalize(self, status: str = "success") -> None:
-        if self._initialized and status != "failed":
+        if self._started and status != "failed":
             for path in changed_files(self.run_dir, self.artifacts, self._uploaded):
                 folder = path.parent.relative_to(self.run_dir).as_posix()
                 self.experiment.log_artifact(
@@ -311,7 +313,8 @@ class MLFlowLogger(Guarded, lightning_mlflow.MLFlowLogger):
 class WandbLogger(Guarded, lightning_wandb.WandbLogger):
     """Lightning's ``WandbLogger`` for one run dir (``conf/logger/wandb.yaml``): offline unless
     ``mode=online``, files in ``<run dir>/wandb/``, the run id in ``wandb_run_id.txt`` (a resume
-    continues the same run), figures as images and ``model.pt`` saved with the run."""
+    continues the same run: ``id=`` with ``resume="allow"``), figures as images and ``model.pt``
+    saved with the run."""
 
     tracker = "W&B"
     _last_run = None  # the run the previous WandbLogger of this process started
@@ -328,43 +331,40 @@ class WandbLogger(Guarded, lightning_wandb.WandbLogger):
     ):
         require("wandb")
         self.on_error = _on_error(on_error, "wandb")
-        self.run_dir = Path(run_dir)
-        self.artifacts = list(artifacts)
+        self.run_dir, self.artifacts = Path(run_dir), list(artifacts)
         self._uploaded: dict[Path, tuple] = {}
         changed_files(self.run_dir, self.artifacts, self._uploaded)  # what is there already
         run_id = saved_id(self.run_dir, "wandb") or secrets.token_hex(4)
-        name = name or self.run_dir.name
-        tags = [str(t) for t in tags] or None
-        super().__init__(name, str(self.run_dir), id=run_id, project=project, tags=tags, **kwargs)
-        self._wandb_init.pop("anonymous")  # wandb warns that it has no effect, even when None
+        name, tags = name or self.run_dir.name, [str(t) for t in tags] or None
+        super().__init__(
+            name, str(self.run_dir), id=run_id, resume="allow", project=project, tags=tags, **kwargs
+        )
+        # Lightning always passes anonymous= to wandb.init, which warns that it has no effect
+        # (None too); no public argument leaves it out
+        self._wandb_init.pop("anonymous")
+
+    @property
+    def where(self) -> str:
+        return f"project {self.name}"
 
     @property
     @rank_zero_experiment
-    def experiment(self):
-        return self._experiment if self._experiment is not None else self._start()
+    def experiment(self):  # the first use starts the run (guarded); then Lightning's
+        return super().experiment if self._started else self._start()
 
     @guarded("starting the run")
     def _start(self):
-        if self._experiment is None:
-            import wandb
+        import wandb
 
-            # wandb keeps one run per process: finish an earlier train()'s (a notebook, a sweep)
-            if wandb.run is not None and wandb.run is WandbLogger._last_run:
-                wandb.run.finish()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            WandbLogger._last_run = run = super().experiment
-            if not run.disabled:  # mode=disabled: a stand-in run, nothing kept
-                save_id(self.run_dir, "wandb", run.id)  # wandb records the git commit itself
-        return self._experiment
-
-    def _where(self) -> str:
-        return f"project {self._wandb_init.get('project')}"
-
-    @rank_zero_only
-    @guarded("logging metrics")
-    def log_metrics(self, metrics, step=None) -> None:
-        self._step = step
-        super().log_metrics(metrics, step)
+        # wandb keeps one run per process: finish an earlier train()'s (a notebook, a sweep)
+        if wandb.run is not None and wandb.run is WandbLogger._last_run:
+            wandb.run.finish()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        WandbLogger._last_run = run = super().experiment
+        self._started = True
+        if not run.disabled:  # mode=disabled: a stand-in run, nothing kept
+            save_id(self.run_dir, "wandb", run.id)  # wandb records the git commit itself
+        return run
 
     @rank_zero_only
     @guarded("logging the config")
@@ -375,7 +375,7 @@ class WandbLogger(Guarded, lightning_wandb.WandbLogger):
     @rank_zero_only
     @guarded("closing the run")
     def finalize(self, status: str = "success") -> None:
-        run = self._experiment
+        run = self.experiment if self._started else None
         if run is not None and not run.disabled and status != "failed":
             for path in changed_files(self.run_dir, self.artifacts, self._uploaded):
                 name = path.relative_to(self.run_dir)

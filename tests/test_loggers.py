@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -19,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose_train, need
+from conftest import FAST, _free_port, compose_train, need
 
+from mnist_cnn.loggers import MLFlowLogger
 from mnist_cnn.train import train
 from mnist_cnn.validate import ConfigError
 
@@ -43,18 +43,12 @@ def wandb():
     wandb.finish()  # the process's run stays open after train() (as in a notebook)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def mlflow_server(db: Path, workdir: Path):
     """``mlflow server`` on 127.0.0.1 with ``db`` as its store; yields its URL and process."""
     log = workdir / "mlflow_server.log"
     for _ in range(5):  # the port is free when picked; if another process takes it first: again
-        port = free_port()
+        port = _free_port()
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
         with log.open("w") as out:  # its own process group: uvicorn runs as a child
@@ -191,6 +185,30 @@ def test_runs_that_open_a_new_store_together_both_start(mlflow, tmp_path):
     assert len(ids) == 2
 
 
+def test_a_saved_mlflow_run_is_continued_else_a_new_one_starts(mlflow, tmp_path, caplog):
+    """The run id kept in the run dir is Lightning's ``run_id``: the same run, RUNNING again;
+    a run the store no longer holds is one warning and a new run; a deleted experiment, one line."""
+    uri, run_dir = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
+    first = MLFlowLogger(run_dir, tracking_uri=uri)
+    run_id = first.run_id
+    first.finalize("success")
+    assert first.experiment.get_run(run_id).info.status == "FINISHED"
+    again = MLFlowLogger(run_dir, tracking_uri=uri)
+    assert again.run_id == run_id and again.experiment.get_run(run_id).info.status == "RUNNING"
+
+    again.experiment.delete_run(run_id)
+    fresh = MLFlowLogger(run_dir, tracking_uri=uri)
+    assert fresh.run_id not in (None, run_id)
+    assert (run_dir / "mlflow_run_id.txt").read_text().strip() == fresh.run_id
+    said = [r.getMessage() for r in caplog.records if "starting a new run" in r.getMessage()]
+    assert len(said) == 1 and run_id in said[0] and uri in said[0], said
+
+    fresh.experiment.delete_experiment(fresh.experiment_id)
+    deleted = f"The MLflow experiment mnist_cnn is deleted in {uri}: name another"
+    with pytest.raises(ConfigError, match=re.escape(deleted)):
+        _ = MLFlowLogger(tmp_path / "other", tracking_uri=uri).experiment
+
+
 def wandb_records(path: Path):
     """The protobuf records of a ``run-<id>.wandb`` file (LevelDB's log format, W&B's header)."""
     from wandb.proto import wandb_internal_pb2
@@ -307,7 +325,7 @@ def test_logger_all_and_lists_compose():
 
 @pytest.mark.slow
 def test_an_unreachable_mlflow_is_one_warning_and_the_training_goes_on(mlflow, make_cfg, caplog):
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     tracked = ["logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri={uri}"]
     metrics = train(make_cfg(*tracked))
     assert {"val/acc", "test/acc"} <= metrics.keys()
