@@ -74,6 +74,7 @@ def test_missing_data_is_one_clear_paragraph_not_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # the fast loop refuses overrides in-process (test_validation.py)
 def test_a_misspelt_override_is_refused(tmp_path):
     proc = cli("train", *FAST, f"paths.log_dir={tmp_path}", "trainer.max_epoch=1", code=2)
     assert "max_epoch" in proc.stderr
