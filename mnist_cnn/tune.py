@@ -63,9 +63,15 @@ _RUNNING: dict[int, optuna.Trial] = {}  # trials training in this process, for P
 _SIGTERM: list[int] = []  # a SIGTERM received between trials (tune's main only)
 
 
+def trial_id(trial: optuna.Trial) -> int:
+    """The storage's id of ``trial`` (the storage's calls take it), by the storage's lookup."""
+    study_id = trial.storage.get_study_id_from_name(trial.study.study_name)
+    return trial.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+
+
 def lost(trial: optuna.Trial) -> bool:
     """Whether ``trial`` is no longer this worker's: no longer RUNNING in the study."""
-    return trial.storage.get_trial(trial._trial_id).state != TrialState.RUNNING
+    return trial.storage.get_trial(trial_id(trial)).state != TrialState.RUNNING
 
 
 class Pruning(L.Callback):
@@ -303,13 +309,13 @@ def study_lock(cfg: DictConfig) -> AbstractContextManager:
 def heartbeat(trial: optuna.Trial) -> Iterator[None]:
     """Record ``trial``'s heartbeat every ``tune.heartbeat_interval`` seconds while it runs, as
     ``study.optimize`` does; Optuna has no public thread for a loop of one's own."""
-    storage, done = trial.storage, threading.Event()
+    storage, done, beating = trial.storage, threading.Event(), trial_id(trial)
     interval = storage.get_heartbeat_interval()
 
     def beat() -> None:
         while not done.wait(interval):
             try:
-                storage.record_heartbeat(trial._trial_id)
+                storage.record_heartbeat(beating)
             except Exception as e:  # the database is unreachable for a while: try again
                 log.warning("trial %d: heartbeat not recorded (%s)", trial.number, e)
 
@@ -507,7 +513,7 @@ def tune(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
             reseed(study, cfg)
             trial = study.ask()
             # beating from now: a trial that never beat would never go stale
-            trial.storage.record_heartbeat(trial._trial_id)
+            trial.storage.record_heartbeat(trial_id(trial))
         value, state = None, TrialState.FAIL
         with heartbeat(trial):
             try:
