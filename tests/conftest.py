@@ -11,14 +11,17 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+from subprocess import PIPE
 
 import numpy as np
 import pytest
+from forkserver import fork
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -55,20 +58,60 @@ def cli(
     code: int | None = 0,
     timeout: float = 600,
     preexec_fn=None,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """``python -m mnist_cnn.<command> *args`` in ``cwd`` (default: here), as a user runs it; its
-    exit status must be ``code`` (``None``: any, for the caller to check)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", f"mnist_cnn.{command}", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        preexec_fn=preexec_fn,
-    )
+    exit status must be ``code`` (``None``: any, for the caller to check). A ``command`` with a
+    dot is a module's full name (``benchmarks.bench``)."""
+    argv = [sys.executable, "-m", _module(command), *args]
+    if preexec_fn is not None:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, cwd=cwd, timeout=timeout, preexec_fn=preexec_fn
+        )
+    else:
+        process = spawn(command, *args, cwd=cwd, env=env, stdout=PIPE, stderr=PIPE, text=True)
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
+        proc = subprocess.CompletedProcess(argv, process.returncode, out, err)
     said = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert code is None or proc.returncode == code, f"exit {proc.returncode}, not {code}:\n{said}"
     return proc
+
+
+def spawn(command: str, *args: str, cwd=None, env=None, stdout=None, stderr=None, text=False):
+    """``python -m mnist_cnn.<command> *args`` started, not waited for (``subprocess.Popen``'s
+    arguments). A process of its own, forked by ``forkserver.py`` (torch, Lightning and Hydra
+    imported once per session), or with ``CLI_FRESH=1`` a new interpreter."""
+    if FRESH:
+        argv = [sys.executable, "-m", _module(command), *args]
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text)
+    return fork(_forkserver(), _module(command), list(args), cwd, env, stdout, stderr, text)
+
+
+def _module(command: str) -> str:
+    return command if "." in command else f"mnist_cnn.{command}"
+
+
+FRESH = os.environ.get("CLI_FRESH") == "1"
+_server: list[str] = []  # the fork server's socket, once started
+
+
+def _forkserver() -> str:
+    """The socket of ``forkserver.py``, started on first use; it ends with this session."""
+    if not _server:
+        path = Path(tempfile.mkdtemp(prefix="forkserver-")) / "socket"
+        server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("forkserver.py")), str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=PIPE,
+        )
+        assert server.stdout.readline() == b"ready\n", "the fork server did not start"
+        _server.append(str(path))
+    return _server[0]
 
 
 @pytest.fixture(scope="session")
@@ -297,12 +340,8 @@ def start(tmp_path: Path, data_dir: Path, *args: str) -> subprocess.Popen:
     # a resume continues with its run's own settings: no FAST
     log = open(tmp_path / f"out-{time.monotonic_ns()}.txt", "w+")  # noqa: SIM115 (read back)
     fast = [] if any(a.startswith("resume=") for a in args) else FAST
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_cnn.train", *fast, f"paths.log_dir={tmp_path}"]
-        + [f"data.data_dir={data_dir}", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    args = [*fast, f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}", *args]
+    proc = spawn("train", *args, stdout=log, stderr=subprocess.STDOUT)
     proc.log = log
     return proc
 

@@ -3,9 +3,9 @@
 import json
 import math
 import subprocess
-import sys
 
 import pytest
+from conftest import cli
 
 from benchmarks.bench import VARIANTS, _cpu_flop_per_cycle, flop_per_sample
 from mnist_cnn import ROOT
@@ -45,8 +45,7 @@ REPORT_FIELDS = {
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "benchmarks.bench", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return cli("benchmarks.bench", *args, cwd=ROOT, code=None, timeout=300)
 
 
 @pytest.mark.slow

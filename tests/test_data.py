@@ -5,7 +5,6 @@ import resource
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from conftest import cli, need
+from conftest import cli, need, spawn
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torchvision.datasets import MNIST
 
@@ -229,11 +228,8 @@ def test_a_leftover_of_an_interrupted_extraction_never_passes_as_valid(data_dir,
 @pytest.mark.slow
 def test_kill_9_during_extraction_leaves_nothing_that_passes_as_valid(data_dir, tmp_path):
     raw = copy_raw(data_dir, tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_cnn.data", "--data-dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    out = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = spawn("data", "--data-dir", str(tmp_path), **out)
     while proc.poll() is None and not list(raw.glob(".*.partial")):
         time.sleep(0.001)
     proc.kill()

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from conftest import cli
 from torchvision.datasets import MNIST
 
 from mnist_cnn.mnist_files import RAW_FILES, _idx_problem, prepare_mnist, raw_problems
@@ -85,11 +86,11 @@ def test_a_held_lock_names_its_holder_and_the_wait_ends_clearly(data_dir, tmp_pa
         assert holder_said_who() and holder.poll() is None
 
         start = time.monotonic()
-        waiter = subprocess.run(
-            [sys.executable, "-m", "mnist_cnn.data", "--data-dir", str(tmp_path)],
+        waiter = cli(
+            "data",
+            *("--data-dir", str(tmp_path)),
             env={**os.environ, "MNIST_LOCK_TIMEOUT": "4"},
-            capture_output=True,
-            text=True,
+            code=None,
             timeout=300,
         )
         # its imports (up to ~30 s on a loaded machine), then 4 s: not the holder's hour

@@ -1,24 +1,17 @@
 """``trainer=ddp_cpu``: two gloo processes under Hydra, one run dir, metrics over both ranks."""
 
-import subprocess
-import sys
-
 import pytest
-from conftest import FAST, val_acc_twice
+from conftest import FAST, cli, val_acc_twice
 
 pytestmark = pytest.mark.slow
 
 
 def test_ddp_cpu_trains_in_one_run_dir_with_metrics_over_both_ranks(tmp_path, data_dir):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.train", "trainer=ddp_cpu", *FAST[:5]]
-        + ["callbacks.progress_bar.refresh_rate=0", "logger=all"]
-        + [f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = cli(
+        "train",
+        *("trainer=ddp_cpu", *FAST[:5], "callbacks.progress_bar.refresh_rate=0", "logger=all"),
+        *(f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"),
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     (run,) = (tmp_path / "runs").iterdir()  # rank 1 ran in rank 0's dir, made none of its own
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]

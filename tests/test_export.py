@@ -2,14 +2,12 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import compose_train, tiny_cfg
+from conftest import cli, compose_train, tiny_cfg
 from torchvision.datasets import MNIST
 
 from mnist_cnn import export as exporter
@@ -38,13 +36,7 @@ def images(data_dir):
 
 
 def export(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.export", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
+    return cli("export", *args, cwd=cwd, code=None)
 
 
 def test_each_run_writes_model_pt_that_loads_without_lightning(run, images):

@@ -4,12 +4,11 @@ leave no temporary file: crafted checkpoints, a filesystem that fills up, a max_
 import resource
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import cli, tiny_cfg
+from conftest import cli, spawn, tiny_cfg
 
 from mnist_cnn.checkpoint import CheckpointError, load_model
 from mnist_cnn.train import train
@@ -124,8 +123,8 @@ def test_a_run_dir_deleted_while_training_is_one_line_and_its_resume_says_what_t
 ):
     args = ["trainer.accelerator=cpu", "trainer.max_epochs=3", "trainer.limit_train_batches=60"]
     args += ["trainer.limit_val_batches=5", "test=false", f"paths.log_dir={tmp_path}"]
-    cmd = [sys.executable, "-m", "mnist_cnn.train", *args, f"data.data_dir={data_dir}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args += [f"data.data_dir={data_dir}"]
+    proc = spawn("train", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob("runs/*/checkpoints/last.ckpt")):  # epoch 1 is saved
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, _free_port, compose_train, need
+from conftest import FAST, _free_port, compose_train, need, spawn
 
 from mnist_cnn.loggers import MLFlowLogger
 from mnist_cnn.train import train
@@ -299,7 +299,7 @@ def test_the_command_line_says_it_in_one_line_and_exits_2(tmp_path, data_dir):
     shim.mkdir()
     (shim / "sitecustomize.py").write_text("import sys\n\nsys.modules['mlflow'] = None\n")
     path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
+    proc = subprocess.run(  # a new interpreter: sitecustomize runs as it starts
         [sys.executable, "-m", "mnist_cnn.train", *FAST, "logger=[tensorboard,mlflow]"]
         + [f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"],
         capture_output=True,
@@ -351,15 +351,9 @@ def test_an_mlflow_server_that_dies_mid_run_leaves_the_training_running(mlflow, 
     for on_error, code in (("continue", 0), ("stop", 2)):
         shutil.rmtree(run, ignore_errors=True)
         with mlflow_server(tmp_path / "mlflow.db", tmp_path) as (url, server):
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mnist_cnn.train",
-                    *args,
-                    f"logger.mlflow.tracking_uri={url}",
-                ]
-                + [f"logger.mlflow.on_error={on_error}"],
+            proc = spawn(
+                "train",
+                *(*args, f"logger.mlflow.tracking_uri={url}", f"logger.mlflow.on_error={on_error}"),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

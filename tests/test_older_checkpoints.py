@@ -1,12 +1,10 @@
 """A checkpoint of an earlier release (before checkpoints named their module): the tools read
 its weights; training from it is one line naming the release that wrote it."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import yaml
+from conftest import cli
 
 from mnist_cnn.checkpoint import CheckpointError, load_model
 from mnist_cnn.export import load_weights
@@ -46,14 +44,7 @@ def test_the_tools_read_an_older_checkpoints_weights(old_ckpt, tmp_path):
     for key, value in state["state_dict"].items():
         if key.startswith("net."):
             assert torch.equal(model.state_dict()[key], value), key
-    exported = subprocess.run(  # was a KeyError traceback
-        [sys.executable, "-m", "mnist_cnn.export", f"ckpt_path={path}", "format=pt"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert exported.returncode == 0, exported.stderr[-3000:]
+    cli("export", f"ckpt_path={path}", "format=pt", cwd=tmp_path)  # was a KeyError traceback
     net, info = load_weights(path.with_suffix(".pt"))
     assert info["channels"] == 1 and type(net).__name__ == "Sequential"
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import cli, import_or_skip
+from conftest import cli, import_or_skip, spawn
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
 from PIL import Image
@@ -123,8 +123,9 @@ def test_predict_export_and_serve_rebuild_the_users_module(trained, option, data
 
     import_or_skip("litserve", "the serve extra: pip install -e '.[serve]'")
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mnist_cnn.serve", f"ckpt_path={best}", f"port={port}"],
+    server = spawn(
+        "serve",
+        *(f"ckpt_path={best}", f"port={port}"),
         cwd=work,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -218,10 +219,7 @@ def test_tune_searches_the_users_own_argument_and_its_best_command_runs_as_print
 
     argv = shlex.split(best["command"])  # run as printed, from the researcher's folder
     assert argv[3] == "--config-dir" and "model/net=small_bn" in argv
-    rerun = subprocess.run(
-        [sys.executable, *argv[1:]], capture_output=True, text=True, timeout=600, cwd=work
-    )
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    cli("train", *argv[3:], cwd=work)
     (run,) = (out / "runs").iterdir()
     module = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["mnist_cnn"]["module"]
     assert module["_target_"] == "my_modules.FocalClassifier"

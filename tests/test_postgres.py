@@ -3,14 +3,13 @@
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import optuna
 import pytest
 import yaml
-from conftest import TINY, tune_cfg
+from conftest import TINY, cli, spawn, tune_cfg
 
 from mnist_cnn.tune import TuneError, open_study, retries, search_space, study_lock, tune
 
@@ -18,13 +17,11 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def worker(tmp_path, data_dir, url: str, name: str, n_trials: int) -> list[str]:
-    """The command one machine runs: the shared study, its own ``tune.dir``."""
+    """The arguments of the ``tune`` one machine runs: the shared study, its own ``tune.dir``."""
     own = [f"paths.log_dir={tmp_path / name}", f"tune.dir={tmp_path / name / 'tune'}"]
     shared = [f"tune.storage={url}", "tune.study_name=across", f"tune.n_trials={n_trials}"]
     fast = ["tune.heartbeat_interval=1", "tune.grace_period=2"]  # a killed trial fails fast
-    return [sys.executable, "-m", "mnist_cnn.tune", *TINY, *own, *shared, *fast] + [
-        f"data.data_dir={data_dir}"
-    ]
+    return [*TINY, *own, *shared, *fast, f"data.data_dir={data_dir}"]
 
 
 def trials(url: str, *states) -> list:
@@ -42,7 +39,7 @@ def test_two_workers_on_a_new_database_share_one_study_and_take_over_a_killed_tr
     url = postgres("optuna")
     pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     a_cmd, b_cmd = (worker(tmp_path, data_dir, url, n, n_trials=4) for n in ("a", "b"))
-    a, b = subprocess.Popen(a_cmd, **pipe), subprocess.Popen(b_cmd, **pipe)  # the same instant
+    a, b = spawn("tune", *a_cmd, **pipe), spawn("tune", *b_cmd, **pipe)  # one instant
 
     # kill machine a while it trains a trial, with no chance to clean up
     deadline = time.monotonic() + 300
@@ -60,8 +57,7 @@ def test_two_workers_on_a_new_database_share_one_study_and_take_over_a_killed_tr
     out_b = b.communicate(timeout=600)[0]
     assert b.returncode == 0, out_b[-3000:]
     # machine a comes back: the study is done, it only writes its best.yaml
-    again = subprocess.run(a_cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    cli("tune", *a_cmd)
 
     study = optuna.load_study(study_name="across", storage=url)
     finished = study.get_trials(states=FINISHED)

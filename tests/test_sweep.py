@@ -3,12 +3,10 @@
 import csv
 import shutil
 import statistics
-import subprocess
-import sys
 
 import pytest
 import yaml
-from conftest import FAST
+from conftest import FAST, cli
 
 from mnist_cnn.checkpoint import load_checkpoint
 
@@ -18,14 +16,8 @@ F1 = "+model.metrics.f1={_target_:torchmetrics.classification.MulticlassF1Score,
 
 
 def sweep(tmp_path, data_dir, *args, status=0):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.train", "-m", *FAST, *args]
-        + [f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
+    where = [f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"]
+    proc = cli("train", "-m", *FAST, *args, *where, code=status)
     (sweep_dir,) = (tmp_path / "multiruns").iterdir()
     return sweep_dir, proc.stdout + proc.stderr
 
@@ -114,12 +106,7 @@ def test_sweep_goes_on_past_a_failing_job(tmp_path, data_dir, launcher):
 
 
 def report_cli(folder):
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.sweep_report", str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return cli("sweep_report", str(folder), code=None, timeout=300)
 
 
 def test_report_cli_on_a_partial_sweep_with_failed_and_unreadable_jobs(seeds, tmp_path):

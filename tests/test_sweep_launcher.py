@@ -6,13 +6,12 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST
+from conftest import FAST, cli, spawn
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +20,8 @@ LONG = ["trainer.limit_train_batches=400", "trainer.log_every_n_steps=5"]
 
 def start(tmp_path, data_dir, *args) -> subprocess.Popen:
     where = [f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"]
-    command = [sys.executable, "-m", "mnist_cnn.train", "-m", "hydra/launcher=joblib"]
-    return subprocess.Popen(
-        [*command, "hydra.launcher.n_jobs=2", *FAST, *LONG, *where, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *FAST, *LONG, *where, *args]
+    return spawn("train", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def job_processes(pid: int) -> list[int]:
@@ -97,16 +91,9 @@ def test_ctrl_c_saves_every_running_job_and_prints_how_to_finish(tmp_path, data_
     assert re.search(rf"^  python -m mnist_cnn.sweep_report {sweep_dir}$", output, re.MULTILINE)
 
     # the printed command finishes job 0 in its dir, and the rebuilt report counts it
-    finish = [
-        sys.executable,
-        *shlex.split(commands[0])[1:],
-        "callbacks.progress_bar.refresh_rate=0",
-    ]
-    done = subprocess.run(finish, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    cli("train", *shlex.split(commands[0])[3:], "callbacks.progress_bar.refresh_rate=0")
     assert not (sweep_dir / "0" / "job_failed.yaml").exists()
-    report = [sys.executable, "-m", "mnist_cnn.sweep_report", str(sweep_dir)]
-    subprocess.run(report, capture_output=True, check=True, timeout=300)
+    cli("sweep_report", str(sweep_dir))
     jobs = jobs_csv(sweep_dir)
     assert (jobs["0"]["status"], jobs["1"]["status"]) == ("ok", "failed")
     assert float(jobs["0"]["test/acc"]) > 0.5

@@ -1,12 +1,9 @@
 """The Trainer and Hydra flags a Lightning user types work with the template's defaults (fused
 Adam, bf16-mixed, our checkpoint callbacks), through train(cfg) or the CLI, as users run them."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, cli
 
 from mnist_cnn.train import train
 
@@ -54,14 +51,11 @@ def test_no_validation_still_writes_checkpoints(make_cfg, tmp_path):
 
 
 def test_ddp_spawn_on_two_cpu_processes(tmp_path, data_dir):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnist_cnn.train", *FAST, "++trainer.strategy=ddp_spawn"]
-        + ["trainer.devices=2", f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = cli(
+        "train",
+        *(*FAST, "++trainer.strategy=ddp_spawn", "trainer.devices=2"),
+        *(f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"),
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "test accuracy" in proc.stdout + proc.stderr
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "checkpoints" / "last.ckpt").exists()

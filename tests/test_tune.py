@@ -13,7 +13,7 @@ import lightning as L
 import optuna
 import pytest
 import yaml
-from conftest import TINY, compose_train, tune_cfg
+from conftest import TINY, cli, compose_train, spawn, tune_cfg
 from filelock import FileLock
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -45,10 +45,9 @@ def count(storage: str, *states) -> int:
 def test_tune_killed_then_resumed_reaches_n_trials_and_its_best_command_runs(tmp_path, data_dir):
     args = [*TINY, f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}", "tune.n_trials=3"]
     args += ["tune.heartbeat_interval=1", "tune.grace_period=2"]  # a killed trial fails fast
-    cmd = [sys.executable, "-m", "mnist_cnn.tune", *args]
     storage = f"sqlite:///{tmp_path}/tune/mnist_cnn/study.db"
 
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = spawn("tune", *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
 
     # kill it while its second trial trains, with no chance to clean up (a lost machine)
@@ -62,9 +61,9 @@ def test_tune_killed_then_resumed_reaches_n_trials_and_its_best_command_runs(tmp
     assert first.wait(timeout=60) == -signal.SIGKILL
     assert count(storage, TrialState.RUNNING) == 1
     assert 1 <= count(storage, TrialState.COMPLETE, TrialState.PRUNED) < 3
+    time.sleep(2)  # the machine comes back after tune.grace_period: the trial is stale by then
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    second = cli("tune", *args)
     study = optuna.load_study(study_name="mnist_cnn", storage=storage)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == 3  # the study's total, across both runs
@@ -88,11 +87,7 @@ def test_tune_killed_then_resumed_reaches_n_trials_and_its_best_command_runs(tmp
     # the printed command trains the best trial again, to the same val/acc_best
     argv = shlex.split(best["command"])
     assert argv[:3] == ["python", "-m", "mnist_cnn.train"]
-    env = os.environ | {"PYTHONPATH": os.getcwd()}
-    rerun = subprocess.run(
-        [sys.executable, *argv[1:]], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    cli("train", *argv[3:], env=os.environ | {"PYTHONPATH": os.getcwd()})
     (run,) = (tmp_path / "runs").iterdir()
     state = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert state["hyper_parameters"]["optimizer"]["lr"] == best["params"]["model.optimizer.lr"]
@@ -122,12 +117,11 @@ def test_a_trial_stopped_by_ctrl_c_continues_from_its_last_checkpoint_on_the_nex
         f"data.data_dir={data_dir}",
         "tune.n_trials=1",
     ]
-    cmd = [sys.executable, "-m", "mnist_cnn.tune", *args]
     storage = f"sqlite:///{tmp_path}/tune/mnist_cnn/study.db"
     trial_dir = tmp_path / "tune" / "mnist_cnn" / "trials" / "000"
     last = trial_dir / "checkpoints" / "last.ckpt"
 
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = spawn("tune", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not last.exists():  # after epoch 1: Ctrl-C in epoch 2 or 3
         assert first.poll() is None and time.monotonic() < deadline, "epoch 1 did not end"
@@ -141,8 +135,7 @@ def test_a_trial_stopped_by_ctrl_c_continues_from_its_last_checkpoint_on_the_nex
     (stopped,) = trials(storage, TrialState.FAIL)
     assert stopped.user_attrs["stopped"] is True
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    second = cli("tune", *args)
     assert f"trial 1 continues trial 0 from {trial_dir}" in second.stdout + second.stderr
     study = optuna.load_study(study_name="mnist_cnn", storage=storage)
     (done,) = study.get_trials(states=(TrialState.COMPLETE,))
@@ -276,10 +269,9 @@ def best_checkpoints(trial_dir) -> list:
 
 @pytest.mark.slow
 def test_two_workers_started_together_on_a_new_study_share_it(tmp_path, data_dir):
-    cmd = [sys.executable, "-m", "mnist_cnn.tune", *TINY, f"paths.log_dir={tmp_path}"]
-    cmd += [f"data.data_dir={data_dir}", "tune.n_trials=2"]
+    args = [*TINY, f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}", "tune.n_trials=2"]
     pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
-    workers = [subprocess.Popen(cmd, **pipe) for _ in range(2)]
+    workers = [spawn("tune", *args, **pipe) for _ in range(2)]
     outs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outs)
     storage = f"sqlite:///{tmp_path}/tune/mnist_cnn/study.db"
@@ -313,8 +305,7 @@ def test_a_paused_worker_whose_trial_another_runs_again_leaves_it(tmp_path, data
         _, status = os.waitpid(paused.pid, os.WUNTRACED)  # paused while training trial 0
         assert os.WIFSTOPPED(status), log.read_text()[-3000:]
         time.sleep(2)  # past tune.grace_period
-        other = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+        other = cli("tune", *cmd[3:])
         assert "trial 1 runs trial 0 again from the start" in other.stdout + other.stderr
     finally:
         paused.send_signal(signal.SIGCONT)
