@@ -185,6 +185,7 @@ def test_runs_that_open_a_new_store_together_both_start(mlflow, tmp_path):
     assert len(ids) == 2
 
 
+@pytest.mark.slow
 def test_a_saved_mlflow_run_is_continued_else_a_new_one_starts(mlflow, tmp_path, caplog):
     """The run id kept in the run dir is Lightning's ``run_id``: the same run, RUNNING again;
     a run the store no longer holds is one warning and a new run; a deleted experiment, one line."""
