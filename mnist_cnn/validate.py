@@ -213,8 +213,8 @@ def check_trainer(trainer: DictConfig | None) -> None:
             L.Trainer(**plain, logger=False, plugins=[LightningEnvironment()])
     except Exception as e:  # its ValueError or MisconfigurationException names what is allowed
         words = " ".join(str(e).split())
-        named = [k for k in TRAINER_FLAGS if f"{k}=" in words] or TRAINER_FLAGS
-        key = next((k for k in named if k in words.lower()), "accelerator")
+        named = [k for k in TRAINER_FLAGS if f"{k}=" in words] or TRAINER_FLAGS[::-1]
+        key = next((k for k in named if k in words.lower()), "accelerator")  # CPUAccelerator
         raise ConfigError(
             f"Invalid config: trainer.{key}={flags.get(key)}: {words} Fix it on the command "
             "line or in conf/trainer/."
