@@ -95,43 +95,46 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``CheckpointError``, ``Interrupted`` (Ctrl-C/SIGTERM, last.ckpt saved) or ``Diverged``.
     """
     before = _stop_on_sigterm()  # until fit: Lightning's handling and GracefulStop take over
-    cfg, resumed, ckpt_path, state = start(cfg)
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)
-    # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork-safe CUDA checks); without a GPU each
-    # torch.cuda.is_available() then loads NVML, and the optimizers ask at every step
-    if not torch.cuda.is_available():
-        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data), cfg)
-    model = build("model", lambda: make_model(cfg, datamodule), cfg)
-    described = Describe(module_config(cfg, datamodule), told_by(cfg, datamodule))
-    late_check = _check_module(cfg, model)
-    if state is not None:
-        check_weights(model, state, ckpt_path)  # another model.net or optimizer stops here
-    callbacks = build("callbacks", lambda: instantiate_group(cfg.get("callbacks")))
-    callbacks = [c for c in callbacks if not _switched_off(c, cfg.trainer)]
-    # last.ckpt after every other callback's epoch end (ModelCheckpoint's best, the history)
-    callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
-    # run_info.yaml and a resume's .hydra/ files, once the data and checkpoint are read;
-    # resolved here, where Hydra's ${hydra:...} is known (not in ddp_spawn's processes)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    callbacks.append(runinfo.RunRecord(cfg.paths.output_dir, resolved, ckpt_path, resumed))
-    callbacks += [described, *late_check]
-    if state is not None:  # before LastCheckpoint: a refusal saves nothing
-        callbacks.insert(0, ResumedOptimizer())
-    loggers = build("logger", lambda: instantiate_group(cfg.get("logger")))
-    trainer = build(
-        "trainer",
-        lambda: hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False),
-    )
+    try:
+        cfg, resumed, ckpt_path, state = start(cfg)
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg.threads)
+        # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork-safe CUDA checks); without a GPU each
+        # torch.cuda.is_available() then loads NVML, and the optimizers ask at every step
+        if not torch.cuda.is_available():
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = build("data", lambda: hydra.utils.instantiate(cfg.data), cfg)
+        model = build("model", lambda: make_model(cfg, datamodule), cfg)
+        described = Describe(module_config(cfg, datamodule), told_by(cfg, datamodule))
+        late_check = _check_module(cfg, model)
+        if state is not None:
+            check_weights(model, state, ckpt_path)  # another model.net or optimizer stops here
+        callbacks = build("callbacks", lambda: instantiate_group(cfg.get("callbacks")))
+        callbacks = [c for c in callbacks if not _switched_off(c, cfg.trainer)]
+        # last.ckpt after every other callback's epoch end (ModelCheckpoint's best, the history)
+        callbacks.sort(key=lambda c: isinstance(c, LastCheckpoint))
+        # run_info.yaml and a resume's .hydra/ files, once the data and checkpoint are read;
+        # resolved here, where Hydra's ${hydra:...} is known (not in ddp_spawn's processes)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        callbacks.append(runinfo.RunRecord(cfg.paths.output_dir, resolved, ckpt_path, resumed))
+        callbacks += [described, *late_check]
+        if state is not None:  # before LastCheckpoint: a refusal saves nothing
+            callbacks.insert(0, ResumedOptimizer())
+        loggers = build("logger", lambda: instantiate_group(cfg.get("logger")))
+        trainer = build(
+            "trainer",
+            lambda: hydra.utils.instantiate(
+                cfg.trainer, callbacks=callbacks, logger=loggers or False
+            ),
+        )
 
-    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-        runinfo.lock_run(cfg.paths.output_dir)  # DDP's other ranks share rank 0's dir
-    stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
-    if before is not None:  # Lightning composes its SIGTERM handler with the one it finds
-        signal.signal(signal.SIGTERM, before)
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            runinfo.lock_run(cfg.paths.output_dir)  # DDP's other ranks share rank 0's dir
+        stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None)
+    finally:  # Lightning composes its SIGTERM handler with the one it finds
+        _restore(signal.SIGTERM, before)
     # Lightning ignores SIGINT after a Ctrl-C it handles (its exit) and restores it in a teardown
     # that may have run already (a Ctrl-C in on_fit_end): a notebook would ignore Ctrl-C after
     sigint = signal.getsignal(signal.SIGINT)

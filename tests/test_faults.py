@@ -425,9 +425,12 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("name", ["text", "truncated", "pickle", "plain"])
 def test_a_tampered_or_foreign_ckpt_path_is_refused_before_any_work(tmp_path, make_cfg, name):
     path = bad_files(tmp_path)[name]
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(CheckpointError, match=f"Cannot use checkpoint {path}: .*ckpt_path="):
         train(make_cfg(f"ckpt_path={path}"))
     assert not (tmp_path / "ran").exists() and not (tmp_path / "checkpoints").exists()
+    # the setup's SIGTERM handler is gone: a later SIGTERM (a notebook's next run) is not ours
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 @pytest.mark.slow
