@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -136,9 +137,11 @@ class Figures(L.Callback):
 
     def _emit(self, trainer, name: str, fig: Figure) -> None:
         path = save(fig, Path(trainer.default_root_dir) / self.folder / f"{name}.png")
+        pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]  # as saved: drawn once, not twice
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(f"figures/{name}", fig, trainer.global_step)
+                tag, step = f"figures/{name}", trainer.global_step
+                logger.experiment.add_image(tag, pixels, step, dataformats="HWC")
         log.info("wrote %s", path)
 
     def on_fit_end(self, trainer, pl_module) -> None:

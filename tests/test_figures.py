@@ -1,5 +1,8 @@
 """Figures and TensorBoard: what a real (tiny) training run leaves to look at."""
 
+import io
+
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_cfg
@@ -49,6 +52,9 @@ def test_tensorboard_holds_each_epochs_scalars_the_lr_the_test_and_the_figures(r
     for name in FIGURES:
         (image,) = events.Images(f"figures/{name}")
         assert image.encoded_image_string[:4] == b"\x89PNG" and image.width >= 300
+        shown = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+        saved = np.asarray(Image.open(out / "figures" / f"{name}.png").convert("RGB"))
+        assert np.array_equal(shown, saved), name  # TensorBoard shows the saved figure
 
 
 def test_hparams_tab_lists_the_config_with_the_final_metrics_as_columns(run):
