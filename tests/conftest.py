@@ -21,6 +21,8 @@ from subprocess import PIPE
 
 import numpy as np
 import pytest
+import torch
+from filelock import FileLock
 from forkserver import fork
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -32,7 +34,20 @@ from mnist_cnn.mnist_files import RAW_FILES
 from mnist_cnn.train import train
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# pytest-xdist's workers share the cores: each worker, and each process it starts, takes its
+# share: OpenMP threads that outnumber the cores spin against each other and slow every run.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR", ROOT / "data"))
+
+
+# the longest modules first: under pytest-xdist the short ones then even out the workers' ends
+LONGEST = ("test_loggers", "test_trainer_flags", "test_sweep", "test_own_module", "test_cli")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.module.__name__ not in LONGEST)  # stable: modules stay whole
 
 
 def need(condition: bool, why: str) -> None:
@@ -154,15 +169,6 @@ def make_cfg(tmp_path, data_dir):
         return tiny_cfg(tmp_path, data_dir, *overrides)
 
     return make
-
-
-@pytest.fixture(scope="session")
-def full_epoch(tmp_path_factory, data_dir):
-    """One full epoch on the 50,000 images, then the test set (~50 s on 2 cores), made once
-    per session: ``(run dir, metrics)``."""
-    out = tmp_path_factory.mktemp("epoch")
-    limits = [f"trainer.{k}_batches=null" for k in ("limit_train", "limit_val", "limit_test")]
-    return out, train(tiny_cfg(out, data_dir, "trainer.max_epochs=1", *limits))
 
 
 def _free_port() -> int:
@@ -483,11 +489,15 @@ def digits_as_png(data_dir: Path, folder: Path, labels: dict[int, str], per_clas
 
 
 def small_checkpoint(tmp_path_factory, data_dir) -> Path:
-    """``last.ckpt`` of a run that reads digits (150 CPU batches, ~95%), trained once a session."""
-    out = tmp_path_factory.getbasetemp() / "small_run"
-    ckpt = out / "checkpoints" / "last.ckpt"
-    if not ckpt.exists():
-        train(tiny_cfg(out, data_dir, "trainer.limit_train_batches=150"))
+    """``last.ckpt`` of a run that reads digits (150 CPU batches, ~95%), trained once a session
+    (by the first of pytest-xdist's workers to need it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common temp dir
+    ckpt = root / "small_run" / "checkpoints" / "last.ckpt"
+    with FileLock(root / "small_run.lock"):
+        if not ckpt.exists():
+            train(tiny_cfg(root / "small_run", data_dir, "trainer.limit_train_batches=150"))
     return ckpt
 
 
