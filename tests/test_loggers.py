@@ -342,7 +342,7 @@ def test_an_mlflow_server_that_dies_mid_run_leaves_the_training_running(mlflow, 
     run = tmp_path / "run"
     args = [f"paths.output_dir={run}", f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"]
     args += [
-        "trainer.max_epochs=3",
+        "trainer.max_epochs=2",
         "trainer.limit_train_batches=40",
         "trainer.limit_val_batches=2",
     ]
@@ -361,15 +361,15 @@ def test_an_mlflow_server_that_dies_mid_run_leaves_the_training_running(mlflow, 
                 cwd=tmp_path,
             )
             deadline = time.monotonic() + 600
-            while not (last.exists() and torch.load(last, weights_only=True)["epoch"] >= 1):
+            while not last.exists():
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.2)
-            stop_server(server)  # the server dies after the first epoch
+                time.sleep(0.1)
+            stop_server(server)  # the server dies at the end of the first epoch
             out, _ = proc.communicate(timeout=600)
         assert proc.returncode == code and "Traceback" not in out, out[-3000:]
         assert out.count("failed while logging metrics") == 1, out[-3000:]
         state = torch.load(last, weights_only=True)
-        if on_error == "continue":  # all three epochs, TensorBoard kept every one
-            assert state["epoch"] == 2 and "test accuracy" in out
+        if on_error == "continue":  # both epochs, then the test
+            assert state["epoch"] == 1 and "test accuracy" in out
         else:  # stopped at the next epoch's metrics, last.ckpt saved and the resume named
             assert f"resume={run} continues from last.ckpt" in out and state["global_step"] >= 40
