@@ -2,20 +2,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# pytest's workers for make test (pytest-xdist; 0: one process). One more than the 2 cores
-# here: tests also wait on servers and subprocesses.
-WORKERS ?= 3
+# pytest's workers for make test (pytest-xdist; 0: one process)
+WORKERS ?= 2
 # A folder holding the four MNIST .gz files to copy into data/ (offline machines).
 MNIST_RAW ?= $(wildcard ../shared/data/MNIST/raw)
 
 .PHONY: install data train test lint
-# --no-compile: Python compiles each module when it is first imported, not every file of every
-# package at install time
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
 	touch $@
 
 data: install

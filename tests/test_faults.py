@@ -48,11 +48,20 @@ def kill_when(proc: subprocess.Popen, condition, poll: float = 0.01) -> None:
         proc.send_signal(signal.SIGCONT)
 
 
+_steps: dict[tuple, int] = {}
+
+
 def step(path: Path) -> int:
-    """The global step of a checkpoint, -1 while there is none."""
-    if not path.exists():
+    """The global step of a checkpoint, -1 while there is none. A file is read once: a save
+    replaces it (a new inode), so a loop that polls it does not take the CPU from the run."""
+    try:
+        seen = path.stat()
+    except FileNotFoundError:
         return -1
-    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+    key = (str(path), seen.st_ino, seen.st_mtime_ns, seen.st_size)
+    if key not in _steps:
+        _steps[key] = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+    return _steps[key]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import lightning as L
@@ -282,10 +283,22 @@ def test_two_workers_started_together_on_a_new_study_share_it(tmp_path, data_dir
 
 
 class PauseSelf(L.Callback):
-    """Pauses its own process (SIGSTOP) as training starts, as a suspended job would be."""
+    """Pauses its own process (SIGSTOP) as training starts, as a suspended job would be; not in
+    the middle of a heartbeat's write, which would leave SQLite locked for the other worker."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        os.kill(os.getpid(), signal.SIGSTOP)
+        (trial,) = sys.modules["__main__"]._RUNNING.values()  # python -m mnist_cnn.tune's
+        storage, writing = trial.storage, threading.Lock()
+        record = storage.record_heartbeat
+
+        def record_heartbeat(*args, **kwargs):
+            with writing:
+                return record(*args, **kwargs)
+
+        storage.record_heartbeat = record_heartbeat
+        time.sleep(0.5)  # a write that began before is over
+        with writing:
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @pytest.mark.slow
