@@ -343,6 +343,17 @@ def drain(grace_period: float):
     return stop
 
 
+class ManagerGone(logging.Filter):
+    """Drops LitServe's "Monitoring worker crashed" when the crash is its multiprocessing
+    Manager gone: at shutdown its monitor thread can outlive the Manager, and the traceback of
+    that broken pipe says nothing about the server. Other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        gone = isinstance(error, BrokenPipeError | ConnectionResetError | EOFError)
+        return not (gone and record.getMessage() == "Monitoring worker crashed")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
 @task
 def main(cfg: DictConfig) -> None:
@@ -352,6 +363,7 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     signal.signal(signal.SIGTERM, drain(cfg.grace_period))
+    logging.getLogger("litserve.server").addFilter(ManagerGone())
     log.info("the drawing page: http://%s:%s/", cfg.host, cfg.port)
     server.run(
         host=cfg.host,

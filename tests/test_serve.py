@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -296,3 +297,22 @@ def test_sigterm_finishes_the_requests_in_progress(ckpt, digits, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_litserves_monitor_outliving_its_manager_at_shutdown_is_no_traceback(caplog):
+    from mnist_cnn.serve import ManagerGone
+
+    logger = logging.getLogger("litserve.server")  # the logger LitServe's monitor thread uses
+    gone = ManagerGone()
+    logger.addFilter(gone)
+    try:
+        for error in (BrokenPipeError(32, "Broken pipe"), RuntimeError("a real crash")):
+            try:
+                raise error
+            except Exception:
+                logger.exception("Monitoring worker crashed")
+        logger.error("Monitoring worker crashed")  # no exception: kept
+    finally:
+        logger.removeFilter(gone)
+    kept = [r.exc_info[1] if r.exc_info else None for r in caplog.records if r.name == logger.name]
+    assert [type(e) for e in kept] == [RuntimeError, type(None)]
