@@ -143,6 +143,13 @@ def compose_train(*overrides: str, config_name: str = "train") -> DictConfig:
         return compose(config_name, overrides=list(overrides))
 
 
+# Drawing the three figures takes a quarter of a few-batch run's CPU: runs that do not look at
+# them leave them out (those that do use FIGURES, or tiny_cfg(..., figures=True))
+NO_FIGURES = "callbacks.figures=null"
+# Validation and test batches of 250 images, not 1,000: a few-batch run's evaluation is its most
+# costly part (and the most costly by far at trainer.precision=64-true)
+SMALL_EVAL = "data.eval_batch_size=250"
+
 # debug=fast's few batches, spelled out: a debug=fast run goes under debug/, not runs/
 FAST = [
     "trainer.max_epochs=1",
@@ -152,21 +159,26 @@ FAST = [
     "trainer.num_sanity_val_steps=0",
     "trainer.accelerator=cpu",
     "callbacks.progress_bar.refresh_rate=0",
+    SMALL_EVAL,
+    NO_FIGURES,
 ]
 
 
-def tiny_cfg(out: Path, data_dir: Path, *overrides: str) -> DictConfig:
+FIGURES = [a for a in FAST if a != NO_FIGURES]  # FAST, with the figures drawn
+
+
+def tiny_cfg(out: Path, data_dir: Path, *overrides: str, figures: bool = False) -> DictConfig:
     """The real config shrunk to a few CPU batches (``debug=fast``), writing into ``out``."""
     where = (f"paths.output_dir={out}", f"paths.log_dir={out}", f"data.data_dir={data_dir}")
-    return compose_train(*FAST, *where, *overrides)
+    return compose_train(*(FIGURES if figures else FAST), *where, *overrides)
 
 
 @pytest.fixture
 def make_cfg(tmp_path, data_dir):
     """``make_cfg("trainer.max_epochs=2")``: ``tiny_cfg`` in this test's ``tmp_path``."""
 
-    def make(*overrides: str) -> DictConfig:
-        return tiny_cfg(tmp_path, data_dir, *overrides)
+    def make(*overrides: str, figures: bool = False) -> DictConfig:
+        return tiny_cfg(tmp_path, data_dir, *overrides, figures=figures)
 
     return make
 
@@ -408,6 +420,8 @@ TINY = [  # not debug=fast: that one saves no checkpoint
     "trainer.num_sanity_val_steps=0",
     "callbacks.progress_bar.refresh_rate=0",
     "logger=none",
+    SMALL_EVAL,
+    NO_FIGURES,
 ]
 
 

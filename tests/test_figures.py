@@ -21,7 +21,8 @@ FIGURES = ("learning_curves", "predictions", "confusion_matrix")
 def run(tmp_path_factory, data_dir):
     """Two tiny epochs and a test, with the default callbacks and the TensorBoard logger."""
     out = tmp_path_factory.mktemp("run")
-    cfg = tiny_cfg(out, data_dir, "trainer.max_epochs=2", "model.optimizer.lr=0.002", "tags=[a,b]")
+    args = ("trainer.max_epochs=2", "model.optimizer.lr=0.002", "tags=[a,b]")
+    cfg = tiny_cfg(out, data_dir, *args, figures=True)
     return out, train(cfg)
 
 
@@ -105,7 +106,7 @@ def test_a_confusion_matrix_over_max_classes_is_skipped_with_a_line(
 ):
     monkeypatch.setattr("mnist_cnn.plots.MAX_CLASSES", 5)  # MNIST's 10 classes are too many
     with caplog.at_level("INFO", "mnist_cnn.plots"):
-        train(tiny_cfg(tmp_path, data_dir))
+        train(tiny_cfg(tmp_path, data_dir, figures=True))
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "learning_curves.png",
         "predictions.png",

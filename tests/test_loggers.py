@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, _free_port, compose_train, need, spawn
+from conftest import FAST, NO_FIGURES, _free_port, compose_train, need, spawn
 
 from mnist_cnn.loggers import MLFlowLogger
 from mnist_cnn.train import train
@@ -114,9 +114,11 @@ def test_mlflow_run_and_its_resume_are_one_run_read_back_through_a_real_server(
     mlflow, make_cfg, tmp_path
 ):
     # Hydra's list of group options; the run's tags become MLflow tags
-    first = train(make_cfg("logger=[tensorboard,mlflow]", "tags=[baseline,bn]"))
+    first = train(make_cfg("logger=[tensorboard,mlflow]", "tags=[baseline,bn]", figures=True))
     run_id = (tmp_path / "mlflow_run_id.txt").read_text().strip()
-    resumed = train(make_cfg("logger=[tensorboard,mlflow]", "resume=true", "trainer.max_epochs=2"))
+    resumed = train(
+        make_cfg("logger=[tensorboard,mlflow]", "resume=true", "trainer.max_epochs=2", figures=True)
+    )
     assert (tmp_path / "mlflow_run_id.txt").read_text().strip() == run_id
 
     with mlflow_server(tmp_path / "mlflow.db", tmp_path) as (url, _):
@@ -254,9 +256,9 @@ def offline_run(folder: Path, run_id: str) -> tuple[list[dict], dict]:
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics_and_a_resume_reuses_its_id(wandb, make_cfg, tmp_path):
-    first = train(make_cfg("logger=wandb", "tags=[baseline,bn]"))
+    first = train(make_cfg("logger=wandb", "tags=[baseline,bn]", figures=True))
     run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
-    resumed = train(make_cfg("logger=wandb", "resume=true", "trainer.max_epochs=2"))
+    resumed = train(make_cfg("logger=wandb", "resume=true", "trainer.max_epochs=2", figures=True))
     wandb.finish()
     assert (tmp_path / "wandb_run_id.txt").read_text().strip() == run_id
 
@@ -347,7 +349,7 @@ def test_an_mlflow_server_that_dies_mid_run_leaves_the_training_running(mlflow, 
         "trainer.limit_val_batches=2",
     ]
     args += ["trainer.limit_test_batches=2", "trainer.accelerator=cpu"]
-    args += ["callbacks.progress_bar.refresh_rate=0", "logger=[tensorboard,mlflow]"]
+    args += ["callbacks.progress_bar.refresh_rate=0", "logger=[tensorboard,mlflow]", NO_FIGURES]
     last = run / "checkpoints" / "last.ckpt"
     for on_error, code in (("continue", 0), ("stop", 2)):
         shutil.rmtree(run, ignore_errors=True)

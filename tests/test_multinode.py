@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
-from conftest import _free_port, need, val_acc_twice
+from conftest import NO_FIGURES, _free_port, need, val_acc_twice
 
 from mnist_cnn import ROOT
 from mnist_cnn.checkpoint import load_checkpoint
@@ -66,6 +66,7 @@ def test_two_nodes_train_one_model_in_one_run_dir_and_resume_after_a_node_dies(t
         "trainer.num_sanity_val_steps=0",
         "callbacks.progress_bar.refresh_rate=0",
         "callbacks.last_checkpoint.every_n_seconds=3600",  # last.ckpt at epoch ends
+        NO_FIGURES,
         f"paths.log_dir={tmp_path}",
         f"data.data_dir={data_dir}",
         f"+callbacks.digest={{_target_: test_multinode.WeightsDigest, dir: {tmp_path}}}",

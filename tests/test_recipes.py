@@ -80,17 +80,19 @@ def test_best_recipe_runs_as_a_few_batch_debug_run(make_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_best_recipe_tests_the_ema_weights_of_the_best_checkpoint(make_cfg, tmp_path, data_dir):
-    metrics = train(make_cfg("experiment=best", "trainer.limit_train_batches=10"))
+    cfg = make_cfg("experiment=best", "trainer.limit_train_batches=10")
+    eval_batch_size = cfg.data.eval_batch_size
+    metrics = train(cfg)
     (best,) = (tmp_path / "checkpoints").glob("epoch*.ckpt")
     state = torch.load(best, weights_only=True)
     ema, raw = state["state_dict"], state["current_model_state"]
     assert not torch.equal(ema["net.fc1.weight"], raw["net.fc1.weight"])
 
     model = load_model(best)  # the checkpoint's state_dict: the EMA weights
-    dm = MNISTDataModule(str(data_dir))
+    dm = MNISTDataModule(str(data_dir), eval_batch_size=eval_batch_size)
     dm.setup("test")
     with torch.no_grad():
-        for batch in islice(dm.test_dataloader(), 2):  # debug=fast tests 2 batches
+        for batch in islice(dm.test_dataloader(), 2):  # the run tested 2 batches
             x, y = dm.on_after_batch_transfer(batch, 0)
             model.test_metrics["acc"].update(model(x), y)
     assert model.test_metrics["acc"].compute().item() == pytest.approx(

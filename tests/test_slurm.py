@@ -7,6 +7,7 @@ import time
 
 import pytest
 import yaml
+from conftest import NO_FIGURES
 
 from mnist_cnn.checkpoint import load_checkpoint
 
@@ -28,6 +29,7 @@ def test_a_sweep_through_sbatch_reports_and_a_requeued_job_resumes_in_its_dir(
         "callbacks.progress_bar.refresh_rate=0",
         "callbacks.last_checkpoint.every_n_seconds=3600",  # last.ckpt at epoch ends
         "logger=csv",
+        NO_FIGURES,
         f"paths.log_dir={tmp_path}",
         f"data.data_dir={data_dir}",
     ]
