@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import NO_FIGURES, cli, spawn, tiny_cfg
+from conftest import NO_FIGURES, SMALL_EVAL, cli, spawn, tiny_cfg
 
 from mnist_cnn.checkpoint import CheckpointError, load_model
 from mnist_cnn.train import train
@@ -122,7 +122,8 @@ def test_a_run_dir_deleted_while_training_is_one_line_and_its_resume_says_what_t
     tmp_path, data_dir
 ):
     args = ["trainer.accelerator=cpu", "trainer.max_epochs=3", "trainer.limit_train_batches=60"]
-    args += ["trainer.limit_val_batches=5", "test=false", NO_FIGURES, f"paths.log_dir={tmp_path}"]
+    args += ["trainer.limit_val_batches=5", "test=false", NO_FIGURES, SMALL_EVAL]
+    args += [f"paths.log_dir={tmp_path}"]
     args += [f"data.data_dir={data_dir}"]
     proc = spawn("train", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240

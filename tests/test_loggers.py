@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, NO_FIGURES, _free_port, compose_train, need, spawn
+from conftest import FAST, NO_FIGURES, SMALL_EVAL, _free_port, compose_train, need, spawn
 
 from mnist_cnn.loggers import MLFlowLogger
 from mnist_cnn.train import train
@@ -168,12 +168,17 @@ def test_mlflow_run_and_its_resume_are_one_run_read_back_through_a_real_server(
 @pytest.mark.slow
 def test_runs_that_open_a_new_store_together_both_start(mlflow, tmp_path):
     """Jobs of a -m sweep on joblib: without a lock one failed creating mlflow.db's tables."""
-    code = "import sys\nfrom mnist_cnn.loggers import MLFlowLogger\n"
-    code += "MLFlowLogger(sys.argv[1], tracking_uri=sys.argv[2]).experiment\n"
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "__init__.py").touch()
+    (tmp_path / "job" / "opens.py").write_text(
+        "import sys\nfrom mnist_cnn.loggers import MLFlowLogger\n\n"
+        "MLFlowLogger(sys.argv[1], tracking_uri=sys.argv[2]).experiment\n"
+    )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     jobs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, str(tmp_path / f"job{i}"), uri],
+        spawn(
+            "job.opens",  # python -m job.opens, in tmp_path
+            *(str(tmp_path / f"job{i}"), uri),
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -349,7 +354,12 @@ def test_an_mlflow_server_that_dies_mid_run_leaves_the_training_running(mlflow, 
         "trainer.limit_val_batches=2",
     ]
     args += ["trainer.limit_test_batches=2", "trainer.accelerator=cpu"]
-    args += ["callbacks.progress_bar.refresh_rate=0", "logger=[tensorboard,mlflow]", NO_FIGURES]
+    args += [
+        "callbacks.progress_bar.refresh_rate=0",
+        "logger=[tensorboard,mlflow]",
+        NO_FIGURES,
+        SMALL_EVAL,
+    ]
     last = run / "checkpoints" / "last.ckpt"
     for on_error, code in (("continue", 0), ("stop", 2)):
         shutil.rmtree(run, ignore_errors=True)

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 import yaml
-from conftest import cli, finish, start
+from conftest import NO_FIGURES, SMALL_EVAL, cli, finish, start
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_cnn.runinfo import find_run
@@ -19,6 +19,7 @@ EXACT = [
     "trainer.limit_val_batches=2",
 ]
 EXACT += ["trainer.num_sanity_val_steps=2", "seed=3"]  # the sanity check must not shift the RNG
+EXACT += [SMALL_EVAL, NO_FIGURES]
 
 
 def scalars(tb_dir, tag: str) -> list[tuple[int, float]]:

@@ -2,12 +2,11 @@
 report, and a job that Slurm requeues (as a pre-emption does) resuming in its own run dir."""
 
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
-from conftest import NO_FIGURES
+from conftest import NO_FIGURES, SMALL_EVAL, spawn
 
 from mnist_cnn.checkpoint import load_checkpoint
 
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_a_sweep_through_sbatch_reports_and_a_requeued_job_resumes_in_its_dir(
     tmp_path, data_dir, slurm
 ):
-    cmd = [sys.executable, "-m", "mnist_cnn.train", "-m", "hydra/launcher=submitit_slurm"]
+    cmd = ["-m", "hydra/launcher=submitit_slurm"]
     cmd += ["hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "seed=1,2"]
     cmd += [
         "trainer.accelerator=cpu",
@@ -30,11 +29,12 @@ def test_a_sweep_through_sbatch_reports_and_a_requeued_job_resumes_in_its_dir(
         "callbacks.last_checkpoint.every_n_seconds=3600",  # last.ckpt at epoch ends
         "logger=csv",
         NO_FIGURES,
+        SMALL_EVAL,
         f"paths.log_dir={tmp_path}",
         f"data.data_dir={data_dir}",
     ]
     log = (tmp_path / "sweep.out").open("w")
-    sweep = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=slurm)
+    sweep = spawn("train", *cmd, stdout=log, stderr=subprocess.STDOUT, env=slurm)
 
     # once a job has finished epoch 1, Slurm requeues it: job 0 as a pre-emption does
     # (scontrol requeue: SIGTERM, then it runs again), job 1 as a time limit's --signal=USR1
