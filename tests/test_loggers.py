@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -16,6 +15,7 @@ import urllib.request
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import FAST, NO_FIGURES, SMALL_EVAL, _free_port, compose_train, need, spawn
@@ -344,44 +344,63 @@ def test_an_unreachable_mlflow_is_one_warning_and_the_training_goes_on(mlflow, m
         train(make_cfg(*tracked, "logger.mlflow.on_error=stop"))
 
 
+class HoldAtEpoch2(L.Callback):
+    """Writes ``<dir>/<name>.ready`` as epoch 2 starts (epoch 1 logged), then waits for
+    ``<dir>/go``: the test stops the server in between."""
+
+    def __init__(self, dir: str, name: str):
+        self.dir, self.name = Path(dir), name
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            (self.dir / f"{self.name}.ready").touch()
+            deadline = time.monotonic() + 600
+            while not (self.dir / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_an_mlflow_server_that_dies_mid_run_leaves_the_training_running(mlflow, tmp_path, data_dir):
-    run = tmp_path / "run"
-    args = [f"paths.output_dir={run}", f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"]
-    args += [
-        "trainer.max_epochs=2",
-        "trainer.limit_train_batches=40",
-        "trainer.limit_val_batches=2",
-    ]
+    # two runs log epoch 1 to one server, which dies before their epoch 2: on_error=continue
+    # trains on, on_error=stop stops at epoch 2's metrics
+    args = [f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}", "trainer.max_epochs=2"]
+    args += ["trainer.limit_train_batches=10", "trainer.limit_val_batches=2"]
     args += ["trainer.limit_test_batches=2", "trainer.accelerator=cpu"]
-    args += [
-        "callbacks.progress_bar.refresh_rate=0",
-        "logger=[tensorboard,mlflow]",
-        NO_FIGURES,
-        SMALL_EVAL,
-    ]
-    last = run / "checkpoints" / "last.ckpt"
+    args += ["callbacks.progress_bar.refresh_rate=0", "logger=[tensorboard,mlflow]"]
+    args += [NO_FIGURES, SMALL_EVAL]
+    env = os.environ | {"PYTHONPATH": os.path.dirname(__file__)}  # test_loggers.HoldAtEpoch2
+    procs, logs = {}, {e: tmp_path / f"{e}.out" for e in ("continue", "stop")}
+    with mlflow_server(tmp_path / "mlflow.db", tmp_path) as (url, server):
+        for on_error, log in logs.items():
+            hold = f"{{_target_: test_loggers.HoldAtEpoch2, dir: {tmp_path}, name: {on_error}}}"
+            mine = [f"paths.output_dir={tmp_path / on_error}", f"logger.mlflow.on_error={on_error}"]
+            mine += [f"logger.mlflow.tracking_uri={url}", f"+callbacks.hold={hold}"]
+            with log.open("w") as out:
+                procs[on_error] = spawn(
+                    "train",
+                    *args,
+                    *mine,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp_path,
+                    env=env,
+                )
+        deadline = time.monotonic() + 600
+        while not all((tmp_path / f"{e}.ready").exists() for e in logs):
+            for e, proc in procs.items():
+                assert proc.poll() is None, logs[e].read_text()[-3000:]
+            assert time.monotonic() < deadline, "epoch 1 did not end"
+            time.sleep(0.1)
+        os.killpg(server.pid, signal.SIGKILL)  # all of it: a SIGTERM'd uvicorn still answers
+        server.wait()  # on the connections it keeps alive
+    (tmp_path / "go").touch()
     for on_error, code in (("continue", 0), ("stop", 2)):
-        shutil.rmtree(run, ignore_errors=True)
-        with mlflow_server(tmp_path / "mlflow.db", tmp_path) as (url, server):
-            proc = spawn(
-                "train",
-                *(*args, f"logger.mlflow.tracking_uri={url}", f"logger.mlflow.on_error={on_error}"),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                cwd=tmp_path,
-            )
-            deadline = time.monotonic() + 600
-            while not last.exists():
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.1)
-            stop_server(server)  # the server dies at the end of the first epoch
-            out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == code and "Traceback" not in out, out[-3000:]
+        procs[on_error].wait(timeout=600)
+        out, run = logs[on_error].read_text(), tmp_path / on_error
+        assert procs[on_error].returncode == code and "Traceback" not in out, out[-3000:]
         assert out.count("failed while logging metrics") == 1, out[-3000:]
-        state = torch.load(last, weights_only=True)
+        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
         if on_error == "continue":  # both epochs, then the test
             assert state["epoch"] == 1 and "test accuracy" in out
-        else:  # stopped at the next epoch's metrics, last.ckpt saved and the resume named
-            assert f"resume={run} continues from last.ckpt" in out and state["global_step"] >= 40
+        else:  # stopped at epoch 2's metrics, last.ckpt saved and the resume named
+            assert f"resume={run} continues from last.ckpt" in out and state["global_step"] >= 10
