@@ -101,8 +101,9 @@ def test_a_max_time_stop_saves_its_partial_epoch(make_cfg, tmp_path):
 
 
 def test_out_of_memory_names_the_batch_size_to_lower(tmp_path, data_dir):
-    def ten_gib():  # address space: what torch and the data need, not a batch of 50,000
-        resource.setrlimit(resource.RLIMIT_AS, (10 * 2**30, 10 * 2**30))
+    def six_gib():  # address space: what torch and the data need (under 4 GiB here), not
+        # the activations of a batch of 50,000 (the lower the limit, the sooner they fail)
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
 
     proc = cli(
         "train",
@@ -112,7 +113,7 @@ def test_out_of_memory_names_the_batch_size_to_lower(tmp_path, data_dir):
         f"paths.log_dir={tmp_path}",
         f"data.data_dir={data_dir}",
         code=2,
-        preexec_fn=ten_gib,
+        preexec_fn=six_gib,
     )
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "Out of memory: lower data.batch_size (now 50000)" in proc.stdout
