@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FAST, cli
+from conftest import FAST, cli, spawn
 
 
 def test_cli_run_with_overrides_makes_one_run_dir(tmp_path, data_dir):
@@ -33,13 +33,14 @@ def test_cli_run_with_overrides_makes_one_run_dir(tmp_path, data_dir):
 @pytest.mark.slow
 def test_two_runs_in_the_same_second_get_two_dirs(tmp_path, data_dir):
     # The same timestamp for both (a frozen run.dir prefix): only the per-process id differs.
-    args = [sys.executable, "-m", "mnist_cnn.train", *FAST, "test=false", "logger=none"]
-    args += [f"paths.log_dir={tmp_path}", f"data.data_dir={data_dir}"]
-    args += ["hydra.run.dir=${paths.log_dir}/runs/same-second_${run_id:}"]
-    procs = [
-        subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in "ab"
+    args = [*FAST, "test=false", "logger=none", f"paths.log_dir={tmp_path}"]
+    args += [
+        f"data.data_dir={data_dir}",
+        "hydra.run.dir=${paths.log_dir}/runs/same-second_${run_id:}",
     ]
-    assert all(p.wait(timeout=300) == 0 for p in procs)
+    procs = [spawn("train", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all((r / "checkpoints" / "last.ckpt").exists() for r in runs)
 
