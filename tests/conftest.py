@@ -43,7 +43,18 @@ DATA_DIR = Path(os.environ.get("MNIST_DATA_DIR", ROOT / "data"))
 
 
 # the longest modules first: under pytest-xdist the short ones then even out the workers' ends
-LONGEST = ("test_loggers", "test_trainer_flags", "test_sweep", "test_own_module", "test_cli")
+LONGEST = (
+    "test_loggers",
+    "test_sweep",
+    "test_own_module",
+    "test_sweep_launcher",
+    "test_tune",
+    "test_trainer_flags",
+    "test_serve",
+    "test_bench",
+    "test_multinode",
+    "test_eval_predict",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
