@@ -258,9 +258,7 @@ class MLFlowLogger(Guarded, lightning_mlflow.MLFlowLogger):
             with store_lock(self.where):
                 found = self.client.get_experiment_by_name(self.experiment_name)
                 if found is None:
-                    self.client.create_experiment(
-                        self.experiment_name, artifact_location=self.artifact_location
-                    )
+                    self._create_experiment()
                 elif found.lifecycle_stage != "active":
                     raise ConfigError(
                         f"The MLflow experiment {self.experiment_name} is deleted in "
@@ -274,6 +272,17 @@ class MLFlowLogger(Guarded, lightning_mlflow.MLFlowLogger):
         tags = {"run_dir": str(self.run_dir.resolve()), **git_tags()}
         client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         return client
+
+    def _create_experiment(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_experiment(
+                self.experiment_name, artifact_location=self.artifact_location
+            )
+        except MlflowException as e:  # on a server (no lock) another run made it meanwhile
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
 
     @guarded("saving a checkpoint's record")
     def after_save_checkpoint(self, checkpoint_callback) -> None:

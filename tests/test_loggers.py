@@ -192,6 +192,16 @@ def test_runs_that_open_a_new_store_together_both_start(mlflow, tmp_path):
     assert len(ids) == 2
 
 
+def test_an_experiment_another_run_made_meanwhile_is_used(mlflow, tmp_path, monkeypatch):
+    """On a tracking server (no lock across machines) two runs starting together may both find
+    no experiment and both create it: the second one's "already exists" is no error."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert MLFlowLogger(tmp_path / "first", tracking_uri=uri).experiment  # makes the experiment
+    second = MLFlowLogger(tmp_path / "second", tracking_uri=uri)
+    monkeypatch.setattr(second.client, "get_experiment_by_name", lambda name: None)  # too early
+    assert second.experiment.get_run(second.run_id).info.status == "RUNNING"
+
+
 @pytest.mark.slow
 def test_a_saved_mlflow_run_is_continued_else_a_new_one_starts(mlflow, tmp_path, caplog):
     """The run id kept in the run dir is Lightning's ``run_id``: the same run, RUNNING again;
@@ -238,8 +248,18 @@ def wandb_records(path: Path):
             yield record
 
 
-def offline_run(folder: Path, run_id: str) -> tuple[list[dict], dict]:
-    """The history rows and the config an offline run folder holds."""
+def offline_run(folder: Path, run_id: str, keys=()) -> tuple[list[dict], dict]:
+    """The history rows and the config an offline run folder holds, once its history has
+    ``keys`` (wandb's service process may still be writing the file after ``finish``)."""
+    deadline = time.monotonic() + 60
+    while True:
+        rows, config = _offline_run(folder, run_id)
+        if set(keys) <= {k for row in rows for k in row} or time.monotonic() > deadline:
+            return rows, config
+        time.sleep(0.5)
+
+
+def _offline_run(folder: Path, run_id: str) -> tuple[list[dict], dict]:
     rows, config = [], {}
     for record in wandb_records(folder / f"run-{run_id}.wandb"):
         kind = record.WhichOneof("record_type")
@@ -273,9 +293,10 @@ def test_wandb_offline_run_holds_the_metrics_and_a_resume_reuses_its_id(wandb, m
     runs = [r.run for r in records if r.HasField("run")]
     assert runs and list(runs[0].tags) == ["baseline", "bn"]  # the run's tags
     for folder, metrics, epochs in zip(folders, (first, resumed), (1, 2), strict=True):
-        rows, config = offline_run(folder, run_id)
+        keys = ("train/loss", "train/acc", "val/acc", "val/loss", "test/acc", "test/loss")
+        rows, config = offline_run(folder, run_id, keys)
         last = {k: v for row in rows for k, v in row.items()}  # each key's last value
-        for key in ("train/loss", "train/acc", "val/acc", "val/loss", "test/acc", "test/loss"):
+        for key in keys:
             assert last[key] == pytest.approx(metrics[key])
         assert config["trainer"]["max_epochs"] == epochs  # the composed config
         assert config["data"]["batch_size"] == 64
